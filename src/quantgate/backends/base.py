@@ -1,0 +1,42 @@
+"""The scoring interface, in the spirit of lm-evaluation-harness's `LM`.
+
+`loglikelihood_rolling` scores a whole token stream with sliding windows and returns the
+log-probability of every scored token (kept for paired statistics). Generation and top-k
+distributions come later behind the same class.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import NonFiniteScores
+from ..perplexity import TokenScores, Window, plan_windows, scored_positions
+
+
+class ScoringBackend(abc.ABC):
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int) -> np.ndarray:
+        """log p(ids[t] | ids[w.begin:t]) for t in [w.score_from, w.end), windows in order, concatenated."""
+
+    def describe(self) -> dict:
+        return {"backend": self.name}
+
+    def loglikelihood_rolling(self, ids: np.ndarray, *, max_length: int, stride: int,
+                              batch_size: int) -> TokenScores:
+        windows = plan_windows(len(ids), max_length, stride)
+        logprobs = np.asarray(self.score_windows(ids, windows, batch_size), dtype=np.float64)
+        positions = scored_positions(windows)
+        if logprobs.shape != positions.shape:
+            raise RuntimeError(f"{self.name}: {logprobs.size} scores for {positions.size} targets")
+        bad = ~np.isfinite(logprobs)
+        if bad.any():
+            first = int(positions[bad][0])
+            raise NonFiniteScores(
+                f"{self.name} produced {int(bad.sum())} non-finite log-probabilities "
+                f"(first at token {first}): the model or its kernels are broken")
+        return TokenScores(positions=positions, logprobs=logprobs)

@@ -1,0 +1,208 @@
+"""Build GPTQ / AWQ checkpoints from a float Hugging Face causal LM with GPTQModel on CPU.
+
+The output directory loads back with ``transformers.AutoModelForCausalLM.from_pretrained``
+(GPTQ additionally needs ``optimum`` installed; both use gptqmodel's CPU kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Calibration rows are truncated here; a few hundred tokens is plenty for small models
+# and keeps CPU quantization in the tens of seconds.
+MAX_CALIBRATION_TOKENS = 256
+# gptqmodel silently drops rows with <= 10 tokens; drop them ourselves so the count we report is real.
+MIN_CALIBRATION_TOKENS = 11
+
+
+def build_gptq(
+    source_dir: Path,
+    out_dir: Path,
+    *,
+    bits: int,
+    group_size: int,
+    desc_act: bool,
+    calibration_texts: list[str] | list[list[int]],
+    seed: int = 0,
+) -> dict:
+    """Quantize ``source_dir`` to GPTQ (checkpoint format v1, ``format="gptq"``) into ``out_dir``."""
+    return _build(
+        source_dir,
+        out_dir,
+        calibration_texts=calibration_texts,
+        seed=seed,
+        config_kwargs=dict(
+            method="gptq",
+            format="gptq",
+            bits=bits,
+            group_size=group_size,
+            desc_act=desc_act,
+            # desc_act=True forbids group-aware reordering; say so explicitly to avoid a warning.
+            # With desc_act=False it stays on (the default) and keeps the standard g_idx layout.
+            act_group_aware=not desc_act,
+        ),
+        backend_name="GPTQ_TORCH",
+    )
+
+
+def build_awq(
+    source_dir: Path,
+    out_dir: Path,
+    *,
+    bits: int,
+    group_size: int,
+    desc_act: bool = False,
+    calibration_texts: list[str] | list[list[int]],
+    seed: int = 0,
+) -> dict:
+    """Quantize ``source_dir`` to AWQ (GEMM layout, zero point) into ``out_dir``."""
+    if desc_act:
+        raise ValueError("AWQ has no activation reordering (desc_act)")
+    return _build(
+        source_dir,
+        out_dir,
+        calibration_texts=calibration_texts,
+        seed=seed,
+        # sym=False -> zero_point=True, the usual AWQ layout.
+        config_kwargs=dict(method="awq", format="gemm", bits=bits, group_size=group_size, sym=False),
+        # The default AWQ_GEMM backend has no CPU kernel; the torch one does.
+        backend_name="AWQ_TORCH",
+    )
+
+
+def _build(
+    source_dir: Path,
+    out_dir: Path,
+    *,
+    calibration_texts: list[str] | list[list[int]],
+    seed: int,
+    config_kwargs: dict,
+    backend_name: str,
+) -> dict:
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(out_dir)
+
+    # Read once, at gptqmodel import. Its default on a 2-core box is 1 worker, and loading then fails
+    # ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1").
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+
+    import gptqmodel
+    import torch
+    import transformers
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    calibration = _tokenize(source_dir, calibration_texts)
+    dtype = _source_dtype(source_dir)
+    backend = BACKEND[backend_name]
+
+    qcfg = QuantizeConfig(
+        **config_kwargs,
+        # The device goes here, not to load(): gptqmodel refuses device= there when the config has one.
+        device="cpu",
+        # Offloading would only add disk traffic for a small model, and it writes a random
+        # temp path into config.json, which breaks byte-for-byte reproducibility.
+        offload_to_disk=False,
+    )
+
+    started = time.perf_counter()
+    # Without an explicit dtype gptqmodel casts everything to bfloat16 on CPU.
+    model = GPTQModel.load(str(source_dir), qcfg, dtype=dtype, backend=backend)
+    loaded = time.perf_counter()
+    with _scratch_log_dir():
+        model.quantize(calibration, backend=backend, batch_size=1)
+    quantized = time.perf_counter()
+
+    # Save next to the destination, then rename, so a crash never leaves a half-written out_dir.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save(str(tmp_dir))
+        tmp_dir.chmod(0o755)  # mkdtemp makes it 0700
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    finished = time.perf_counter()
+
+    saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    return {
+        "source_dir": str(source_dir),
+        "out_dir": str(out_dir),
+        "method": saved["quant_method"],
+        "bits": saved["bits"],
+        "group_size": saved["group_size"],
+        "desc_act": saved["desc_act"],
+        "sym": saved.get("sym", not saved.get("zero_point", False)),
+        "format": saved["format"],
+        "checkpoint_format": saved["checkpoint_format"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend.value,
+        "seed": seed,
+        "calibration_samples": len(calibration),
+        "calibration_tokens": sum(len(row["input_ids"]) for row in calibration),
+        "seconds": {
+            "load": round(loaded - started, 3),
+            "quantize": round(quantized - loaded, 3),
+            "save": round(finished - quantized, 3),
+            "total": round(finished - started, 3),
+        },
+        "versions": {
+            "gptqmodel": gptqmodel.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+        "files": sorted(p.name for p in out_dir.iterdir()),
+    }
+
+
+def _tokenize(source_dir: Path, texts: list[str] | list[list[int]]) -> list[dict]:
+    """Tokenize (or take token ids as given) and truncate, so sample count and length are explicit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = None
+    rows = []
+    for text in texts:
+        if isinstance(text, str):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(source_dir)
+            ids = tokenizer(text)["input_ids"][:MAX_CALIBRATION_TOKENS]
+        else:
+            ids = list(text)[:MAX_CALIBRATION_TOKENS]
+        if len(ids) >= MIN_CALIBRATION_TOKENS:
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    if not rows:
+        raise ValueError(f"no calibration text has >= {MIN_CALIBRATION_TOKENS} tokens")
+    return rows
+
+
+def _source_dtype(source_dir: Path):
+    """bfloat16 sources stay bfloat16; everything else is quantized in float16 (the usual GPTQ dtype)."""
+    import torch
+
+    config = json.loads((source_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float16"
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
+@contextmanager
+def _scratch_log_dir():
+    """gptqmodel writes per-run logs to ./logs (relative to the cwd); keep them out of the caller's tree."""
+    from gptqmodel.looper import loop_processor
+
+    previous = loop_processor._PROJECT_LOG_DIR
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as scratch:
+        loop_processor._PROJECT_LOG_DIR = Path(scratch)
+        try:
+            yield
+        finally:
+            loop_processor._PROJECT_LOG_DIR = previous

@@ -1,0 +1,145 @@
+"""Load Hugging Face checkpoints (FP16/BF16 and GPTQ/AWQ through transformers) and audit them.
+
+transformers only *warns* when a checkpoint lacks weights and initialises them randomly;
+a model loaded that way still runs and its perplexity is merely terrible (we saw x35). So
+every load asks for the loading info and refuses anything missing, unexpected or mismatched,
+and every parameter is checked for NaN/Inf before a single token is scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointMissing, LoadAuditError
+
+HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any
+    tokenizer: Any
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_size_bytes(path: Path) -> int:
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    return sum(p.stat().st_size for p in files)
+
+
+def _require(path: Path | None, what: str) -> Path:
+    if path is None or not Path(path).exists():
+        raise CheckpointMissing(f"{what}: checkpoint not found at {path}")
+    if Path(path).is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in Path(path).iterdir()):
+        raise CheckpointMissing(f"{what}: {path} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return Path(path)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def audit_loading_info(info: dict[str, Any], what: str) -> None:
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing weights: {', '.join(sorted(info['missing_keys']))}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected weights: {', '.join(sorted(info['unexpected_keys']))}")
+    if info.get("mismatched_keys"):
+        shown = ", ".join(str(m) for m in info["mismatched_keys"])
+        problems.append(f"weights with wrong shapes: {shown}")
+    if info.get("error_msgs"):
+        problems.append(f"load errors: {'; '.join(map(str, info['error_msgs']))}")
+    if problems:
+        raise LoadAuditError(f"{what} did not load whole: " + "; ".join(problems))
+
+
+def audit_finite(model, what: str) -> None:
+    import torch
+
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    if bad:
+        raise LoadAuditError(f"{what} has NaN/Inf weights in: {', '.join(bad[:10])}"
+                             + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+
+
+def _quantized_kernels(model) -> list[str]:
+    """Class names of the linear modules that are not plain torch Linear: the kernel in use."""
+    import torch
+
+    names = {type(m).__name__ for m in model.modules()
+             if "Linear" in type(m).__name__ and type(m) is not torch.nn.Linear}
+    return sorted(names)
+
+
+def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
+                    tokenizer_path: Path | None = None) -> LoadedCheckpoint:
+    """Load one checkpoint for scoring; raise CheckpointMissing or LoadAuditError, never half-load."""
+    if fmt not in HF_FORMATS:
+        raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(HF_FORMATS)})")
+    path = _require(path, what)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    started = time.perf_counter()
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
+    # Optional quantization libraries log import-time noise (missing CUDA extensions on CPU).
+    for noisy in ("gptqmodel", "torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise LoadAuditError(f"{what}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(previous)
+    audit_loading_info(info, what)
+    audit_finite(model, what)
+    model.eval()
+    tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
+    if tok_dir is None:
+        raise LoadAuditError(f"{what}: {path} has no tokenizer and no reference tokenizer was given")
+    tokenizer = load_tokenizer(tok_dir)
+    description = {
+        "format": fmt,
+        "dtype": dtype,
+        "device": str(device),
+        "kernels": _quantized_kernels(model),
+        "load_seconds": round(time.perf_counter() - started, 3),
+        "size_bytes": checkpoint_size_bytes(path),
+        "tokenizer_from": str(tok_dir),
+    }
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description)
+
+
+def release(loaded: LoadedCheckpoint | None) -> None:
+    """Drop a model and give its memory back before the next one loads."""
+    if loaded is None:
+        return
+    import gc
+
+    device = loaded.description.get("device", "cpu")
+    loaded.model = None
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,0 +1,171 @@
+"""`quantgate` command line: baselines, the demo zoo, protocols.
+
+  quantgate baseline [--model M] [--corpus C] [--profile P | --all-profiles] [--force]
+  quantgate zoo build [--model M] [--variant V] [--force]
+  quantgate protocol [--model M] [--corpus C] [--profile P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .errors import QuantgateError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", type=Path, default=None, help="quantgate.toml (default: search upwards)")
+    parser.add_argument("--model", action="append", default=None, help="reference model(s) (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def _manifest(args):
+    from .manifest import find_manifest, load_manifest
+
+    path = args.manifest or find_manifest(Path.cwd())
+    if path is None:
+        raise QuantgateError("no quantgate.toml here or above; pass --manifest PATH")
+    return load_manifest(path)
+
+
+def _models(manifest, args) -> list[str]:
+    names = args.model or list(manifest.models)
+    unknown = [n for n in names if n not in manifest.models]
+    if unknown:
+        raise QuantgateError(f"unknown model(s) {unknown}; the manifest has {list(manifest.models)}")
+    return names
+
+
+def cmd_baseline(args) -> int:
+    from . import baselines as bl
+    from .errors import BaselineFormatError, BaselineMissing
+    from .evaluation import REFERENCE, Evaluator, resolve_device
+
+    manifest = _manifest(args)
+    device = resolve_device(args.device)
+    profiles = manifest.profile_names() if args.all_profiles else [args.profile or manifest.default_profile]
+    ev = Evaluator(manifest=manifest, profile=profiles[0], device=device)
+    refused = 0
+    command = "quantgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for model in _models(manifest, args):
+        corpora = args.corpus or list(manifest.models[model].corpora)
+        reference_sha = bl.checkpoint_sha256(manifest.models[model].path)
+        for profile in profiles:
+            ev.profile = profile
+            for corpus in corpora:
+                if corpus not in manifest.models[model].corpora:
+                    raise QuantgateError(f"model {model!r} is not evaluated on corpus {corpus!r}")
+                path = ev.baseline_path(model, corpus)
+                protocol = ev.protocol(model, corpus)
+                try:
+                    old = bl.read_baseline(path)
+                    same = old.protocol == protocol and old.provenance.get("reference_sha256") == reference_sha
+                    if same and not args.force:
+                        print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
+                        continue
+                    if not same and not args.force:
+                        diff = "; ".join(protocol.differences(old.protocol)) or "reference checkpoint changed"
+                        print(f"{path}: REFUSED, the stored baseline was measured differently ({diff}); "
+                              f"pass --force to replace it", file=sys.stderr)
+                        refused += 1
+                        continue
+                except BaselineMissing:
+                    pass
+                except BaselineFormatError as exc:
+                    if not args.force:
+                        print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
+                        refused += 1
+                        continue
+                started = time.perf_counter()
+                m = ev.measure(model, REFERENCE, corpus)
+                baseline = bl.Baseline(
+                    model=model, corpus=corpus, profile=profile, protocol=protocol,
+                    perplexity=m.perplexity, mean_nll=m.scores.mean_nll, environment=ev.environment(),
+                    provenance={**bl.git_state(manifest.root), "created": bl.now_iso(), "command": command,
+                                "reference_path": os.path.relpath(manifest.models[model].path, manifest.root),
+                                "reference_sha256": reference_sha, "backend": m.description.get("backend"),
+                                "eval_seconds": round(m.seconds, 2)},
+                    logprobs=m.scores.logprobs, doc_starts=m.doc_starts)
+                bl.write_baseline(baseline, path)
+                print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
+                      f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
+    ev.release()
+    return 1 if refused else 0
+
+
+def cmd_zoo_build(args) -> int:
+    from .zoo import build_variant
+
+    manifest = _manifest(args)
+    for model in _models(manifest, args):
+        ref = manifest.models[model]
+        for variant in ref.variants:
+            if variant.recipe is None or (args.variant and variant.name not in args.variant):
+                continue
+            started = time.perf_counter()
+            path, record = build_variant(manifest, ref, variant, force=args.force)
+            state = "cached" if record is None else f"built in {time.perf_counter() - started:.1f}s"
+            print(f"{model}/{variant.name}: {path} ({state})")
+    return 0
+
+
+def cmd_protocol(args) -> int:
+    from .evaluation import Evaluator, resolve_device
+
+    manifest = _manifest(args)
+    ev = Evaluator(manifest=manifest, profile=args.profile or manifest.default_profile,
+                   device=resolve_device(args.device))
+    out = {}
+    for model in _models(manifest, args):
+        for corpus in args.corpus or manifest.models[model].corpora:
+            p = ev.protocol(model, corpus)
+            out[f"{model}/{corpus}"] = {"fingerprint": p.fingerprint, **p.as_dict()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantgate", description="Quality gate for quantized LLM checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("baseline", help="measure the FP16 references and write baselines/ (explicit request only)")
+    _common(p)
+    p.add_argument("--corpus", action="append", default=None)
+    p.add_argument("--profile", default=None)
+    p.add_argument("--all-profiles", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace baselines measured under another protocol")
+    p.set_defaults(func=cmd_baseline)
+
+    z = sub.add_parser("zoo", help="the demo zoo's recipe variants")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="build (or find cached) every recipe variant")
+    _common(zb)
+    zb.add_argument("--variant", action="append", default=None)
+    zb.add_argument("--force", action="store_true")
+    zb.set_defaults(func=cmd_zoo_build)
+
+    pr = sub.add_parser("protocol", help="print the protocol (and its fingerprint) of each model/corpus")
+    _common(pr)
+    pr.add_argument("--corpus", action="append", default=None)
+    pr.add_argument("--profile", default=None)
+    pr.set_defaults(func=cmd_protocol)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QuantgateError as exc:
+        print(f"quantgate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

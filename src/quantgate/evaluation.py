@@ -1,0 +1,189 @@
+"""One evaluation session: corpora tokenized once, one model resident at a time.
+
+Shared by the pytest plugin and the CLI so that a baseline and a gate measurement go
+through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import baselines as bl
+from .checkpoints.loading import LoadedCheckpoint, load_checkpoint, load_tokenizer, release
+from .corpus import Corpus, TokenizedCorpus, load_corpus, tokenize
+from .errors import DeviceUnavailable, ProtocolMismatch, TokenizerMismatch
+from .manifest import Manifest, ProtocolSettings, ReferenceModel, Variant, protocol_settings
+from .perplexity import TokenScores, count_scored
+from .protocol import SCORING_RULE, Protocol, device_class, environment
+
+REFERENCE = None  # variant name used for the FP16 reference itself
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested and requested != "auto":
+        if requested.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise DeviceUnavailable(f"device {requested!r} requested but CUDA is not available here")
+        return requested
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+@dataclass
+class Measurement:
+    model: str
+    variant: str | None
+    corpus: str
+    protocol: Protocol
+    scores: TokenScores
+    doc_starts: Any
+    description: dict[str, Any]
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return self.scores.perplexity
+
+
+@dataclass
+class Evaluator:
+    manifest: Manifest
+    profile: str
+    device: str
+    _corpora: dict[str, Corpus] = field(default_factory=dict)
+    _tokenizers: dict[str, Any] = field(default_factory=dict)
+    _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
+    _resident: tuple[tuple[str, str | None], LoadedCheckpoint] | None = None
+
+    # -- what is measured -------------------------------------------------------------
+    def model(self, name: str) -> ReferenceModel:
+        return self.manifest.models[name]
+
+    def variant(self, model: str, name: str) -> Variant:
+        return next(v for v in self.model(model).variants if v.name == name)
+
+    def settings(self, model: str, profile: str | None = None) -> ProtocolSettings:
+        return protocol_settings(self.model(model), profile or self.profile, self.manifest.default_profile)
+
+    def corpus(self, name: str) -> Corpus:
+        if name not in self._corpora:
+            self._corpora[name] = load_corpus(self.manifest.corpora[name])
+        return self._corpora[name]
+
+    def reference_tokenizer(self, model: str):
+        if model not in self._tokenizers:
+            self._tokenizers[model] = load_tokenizer(self.model(model).path)
+        return self._tokenizers[model]
+
+    def tokenized(self, model: str, corpus: str, settings: ProtocolSettings) -> TokenizedCorpus:
+        key = (model, corpus, settings.add_bos, settings.token_cap)
+        if key not in self._tokenized:
+            self._tokenized[key] = tokenize(self.corpus(corpus), self.reference_tokenizer(model),
+                                            add_bos=settings.add_bos, token_cap=settings.token_cap)
+        return self._tokenized[key]
+
+    def protocol(self, model: str, corpus: str, profile: str | None = None) -> Protocol:
+        s = self.settings(model, profile)
+        tok = self.tokenized(model, corpus, s)
+        spec = self.manifest.corpora[corpus]
+        return Protocol(
+            corpus=corpus, corpus_source=self.corpus(corpus).source,
+            text_sha256=self.corpus(corpus).text_sha256, documents=len(self.corpus(corpus).documents),
+            joiner=spec.joiner, tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
+            add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
+            scoring_rule=SCORING_RULE, dtype=s.dtype, device_class=device_class(self.device),
+            tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride),
+        )
+
+    # -- baselines ----------------------------------------------------------------------
+    def baseline_path(self, model: str, corpus: str) -> Path:
+        return bl.baseline_path(self.manifest.baselines_dir, model, corpus, self.profile)
+
+    def baseline_command(self, model: str, corpus: str) -> str:
+        profile = "" if self.profile == self.manifest.default_profile else f" --profile {self.profile}"
+        return f"quantgate baseline --model {model} --corpus {corpus}{profile}"
+
+    def comparable_baseline(self, model: str, corpus: str) -> bl.Baseline:
+        """The stored baseline, refused unless its protocol and reference checkpoint match ours."""
+        baseline = bl.read_baseline(self.baseline_path(model, corpus),
+                                    create_hint=self.baseline_command(model, corpus))
+        ours = self.protocol(model, corpus)
+        if baseline.protocol != ours:
+            diff = "\n  ".join(ours.differences(baseline.protocol))
+            raise ProtocolMismatch(
+                f"refusing to compare {model}/{corpus}: the manifest's protocol ({ours.fingerprint}) differs from "
+                f"the baseline's ({baseline.protocol.fingerprint}, {baseline.path}); current != baseline:\n  {diff}\n"
+                f"Restore the protocol, or re-baseline on purpose: {self.baseline_command(model, corpus)} --force")
+        recorded = baseline.provenance.get("reference_sha256")
+        current = bl.checkpoint_sha256(self.model(model).path)
+        if recorded != current:
+            raise ProtocolMismatch(
+                f"refusing to compare {model}/{corpus}: the reference checkpoint {self.model(model).path} changed since "
+                f"the baseline was measured (sha256 {str(recorded)[:12]} -> {current[:12]}); re-baseline: "
+                f"{self.baseline_command(model, corpus)} --force")
+        return baseline
+
+    # -- models -------------------------------------------------------------------------
+    def checkpoint(self, model: str, variant: str | None) -> LoadedCheckpoint:
+        key = (model, variant)
+        if self._resident and self._resident[0] == key:
+            return self._resident[1]
+        self.release()  # one model resident at a time
+        ref = self.model(model)
+        settings = self.settings(model)
+        if variant is REFERENCE:
+            path, fmt, what = ref.path, ref.format, f"reference {model}"
+        else:
+            v = self.variant(model, variant)
+            from .zoo import variant_path
+
+            path, fmt, what = variant_path(self.manifest, ref, v), v.format, f"variant {model}/{variant}"
+        loaded = load_checkpoint(path, fmt=fmt, dtype=settings.dtype, device=self.device, what=what,
+                                 tokenizer_path=ref.path)
+        if variant is not REFERENCE:
+            v = self.variant(model, variant)
+            loaded.description.update(bits=v.bits, group_size=v.group_size, desc_act=v.desc_act,
+                                      scheme=v.scheme, calibration=v.calibration)
+        self._resident = (key, loaded)
+        return loaded
+
+    def release(self) -> None:
+        if self._resident:
+            release(self._resident[1])
+            self._resident = None
+
+    def measure(self, model: str, variant: str | None, corpus: str) -> Measurement:
+        from .backends.hf import TransformersBackend
+
+        settings = self.settings(model)
+        protocol = self.protocol(model, corpus)
+        reference_tokens = self.tokenized(model, corpus, settings)
+        loaded = self.checkpoint(model, variant)
+        if loaded.description["tokenizer_from"] != str(self.model(model).path):
+            own = tokenize(self.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos,
+                           token_cap=settings.token_cap)
+            if own.tokens_sha256 != reference_tokens.tokens_sha256:
+                raise TokenizerMismatch(
+                    f"{model}/{variant}: its tokenizer ({loaded.description['tokenizer_from']}) turns corpus "
+                    f"{corpus!r} into different token ids than the reference's ({len(own.ids)} vs "
+                    f"{len(reference_tokens.ids)} tokens): perplexities would not be comparable")
+        backend = TransformersBackend(loaded.model, self.device)
+        started = time.perf_counter()
+        scores = backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
+                                               stride=settings.stride, batch_size=settings.batch_size)
+        seconds = time.perf_counter() - started
+        return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
+                           doc_starts=reference_tokens.doc_starts,
+                           description={**loaded.description, **backend.describe()}, seconds=seconds)
+
+    def environment(self) -> dict[str, Any]:
+        return environment(self.device)

@@ -1,0 +1,296 @@
+"""The manifest, `quantgate.toml`: reference models, their quantized variants, corpora, protocol.
+
+Parsing is strict: an unknown key, a wrong type or a dangling reference is a `ManifestError`
+that names the file and the key, because a typo in a gate's configuration must not silently
+change what is measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ManifestError
+
+MANIFEST_NAME = "quantgate.toml"
+DTYPES = ("float32", "float16", "bfloat16")
+KNOWN_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "gguf", "bnb", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    max_length: int = 1024
+    stride: int = 512
+    dtype: str = "float32"
+    batch_size: int = 8
+    add_bos: bool = False
+    token_cap: int | None = None
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str
+    path: str  # a `datasets` builder ("json", "text") or a hub dataset id ("wikitext")
+    config: str | None = None
+    split: str = "test"
+    revision: str | None = None
+    data_files: tuple[str, ...] = ()
+    package: str | None = None  # resolve data_files inside this installed package
+    text: str = "{text}"  # format template over each record's fields
+    joiner: str = "\n\n"
+    sample_by: str | None = None  # for the "text" builder: "line" | "paragraph" | "document"
+    description: str = ""
+    base_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    format: str
+    bits: int
+    group_size: int | None = None
+    desc_act: bool | None = None
+    scheme: str | None = None  # e.g. W4A16 (weight-only) or W8A8
+    outlier_handling: str | None = None
+    calibration: str | None = None
+    path: Path | None = None
+    recipe: dict[str, Any] | None = None
+    max_ratio: float | None = None
+    reversal_tolerance: float | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    name: str
+    path: Path
+    format: str
+    corpora: tuple[str, ...]
+    variants: tuple[Variant, ...]
+    protocol: ProtocolSettings
+    profiles: dict[str, ProtocolSettings]
+    thresholds: dict[str, float] = field(default_factory=dict)  # "format/bits" -> max ratio
+    reversal_tolerance: float = 0.005
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    root: Path
+    baselines_dir: Path
+    zoo_dir: Path
+    default_profile: str
+    models: dict[str, ReferenceModel]
+    corpora: dict[str, CorpusSpec]
+    table: Path | None = None  # acceptability table; None: the one shipped with quantgate
+
+    def profile_names(self) -> list[str]:
+        names = {self.default_profile}
+        for model in self.models.values():
+            names.update(model.profiles)
+        return sorted(names)
+
+
+class _Table:
+    """A TOML table being consumed key by key, so leftovers can be reported as unknown."""
+
+    def __init__(self, data: Any, file: Path, where: str):
+        if not isinstance(data, dict):
+            raise ManifestError(file, where, f"must be a table, got {type(data).__name__}")
+        self.data, self.file, self.where = dict(data), file, where
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def take(self, name: str, kind: type | tuple, default: Any = ..., *, choices=None) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise ManifestError(self.file, self.key(name), "is required")
+            return default
+        value = self.data.pop(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            want = " or ".join(k.__name__ for k in kinds)
+            raise ManifestError(self.file, self.key(name), f"must be {want}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise ManifestError(self.file, self.key(name), f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+
+    def table(self, name: str) -> "_Table":
+        return _Table(self.data.pop(name, {}), self.file, self.key(name))
+
+    def done(self) -> None:
+        if self.data:
+            unknown = ", ".join(sorted(self.data))
+            raise ManifestError(self.file, self.where or "top level", f"unknown key(s): {unknown}")
+
+
+def _positive(file: Path, key: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ManifestError(file, key, f"must be positive, got {value}")
+
+
+_PROTOCOL_KINDS = {"max_length": int, "stride": int, "batch_size": int, "token_cap": int,
+                   "add_bos": bool, "dtype": str}
+
+
+def _protocol_overrides(t: _Table) -> dict[str, Any]:
+    values = {}
+    for name, kind in _PROTOCOL_KINDS.items():
+        if name in t.data:
+            values[name] = t.take(name, kind, choices=DTYPES if name == "dtype" else None)
+            _positive(t.file, t.key(name), values[name] if kind is int else None)
+    return values
+
+
+def _checked(settings: ProtocolSettings, file: Path, where: str) -> ProtocolSettings:
+    if settings.stride > settings.max_length:
+        raise ManifestError(file, f"{where}.stride",
+                            f"stride {settings.stride} exceeds max_length {settings.max_length}: tokens would go unscored")
+    return settings
+
+
+def _protocol_table(t: _Table) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(overrides of the base settings, {profile: overrides}) from a [protocol] table."""
+    profiles_t = t.table("profiles")
+    base = _protocol_overrides(t)
+    profiles = {}
+    for pname in list(profiles_t.data):
+        pt = profiles_t.table(pname)
+        profiles[pname] = _protocol_overrides(pt)
+        pt.done()
+    t.done()
+    return base, profiles
+
+
+def _corpus(name: str, t: _Table, root: Path) -> CorpusSpec:
+    spec = CorpusSpec(
+        name=name,
+        path=t.take("path", str),
+        config=t.take("config", str, None),
+        split=t.take("split", str, "test"),
+        revision=t.take("revision", str, None),
+        data_files=tuple(t.take("data_files", list, [])),
+        package=t.take("package", str, None),
+        text=t.take("text", str, "{text}"),
+        joiner=t.take("joiner", str, "\n\n"),
+        sample_by=t.take("sample_by", str, None, choices=("line", "paragraph", "document")),
+        description=t.take("description", str, ""),
+        base_dir=root,
+    )
+    t.done()
+    if not all(isinstance(f, str) for f in spec.data_files):
+        raise ManifestError(t.file, t.key("data_files"), "must be a list of strings")
+    return spec
+
+
+def _variant(t: _Table, root: Path) -> Variant:
+    path = t.take("path", str, None)
+    variant = Variant(
+        name=t.take("name", str),
+        format=t.take("format", str, choices=KNOWN_FORMATS),
+        bits=t.take("bits", int),
+        group_size=t.take("group_size", int, None),
+        desc_act=t.take("desc_act", bool, None),
+        scheme=t.take("scheme", str, None),
+        outlier_handling=t.take("outlier_handling", str, None),
+        calibration=t.take("calibration", str, None),
+        path=(root / path) if path else None,
+        recipe=t.take("recipe", dict, None),
+        max_ratio=t.take("max_ratio", (int, float), None),
+        reversal_tolerance=t.take("reversal_tolerance", (int, float), None),
+    )
+    t.done()
+    if variant.path is None and variant.recipe is None:
+        raise ManifestError(t.file, t.where, f"variant {variant.name!r} needs a path or a recipe")
+    return variant
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ManifestError(path, "file", "does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(path, "syntax", str(exc)) from None
+    root = path.parent
+    top = _Table(raw, path, "")
+
+    settings = top.table("quantgate")
+    baselines_dir = root / settings.take("baselines", str, "baselines")
+    zoo_dir = root / settings.take("zoo_dir", str, "build/zoo")
+    default_profile = settings.take("default_profile", str, "default")
+    reversal_tolerance = settings.take("reversal_tolerance", (int, float), 0.005)
+    table = settings.take("table", str, None)
+    settings.done()
+
+    global_base, global_profiles = _protocol_table(top.table("protocol"))
+
+    corpora_t = top.table("corpora")
+    corpora = {name: _corpus(name, corpora_t.table(name), root) for name in list(corpora_t.data)}
+
+    models_t = top.table("models")
+    models: dict[str, ReferenceModel] = {}
+    for mname in list(models_t.data):
+        mt = models_t.table(mname)
+        m_path = mt.take("path", str)
+        m_format = mt.take("format", str, "fp16", choices=("fp16", "bf16", "fp32"))
+        m_corpora = tuple(mt.take("corpora", list))
+        for c in m_corpora:
+            if c not in corpora:
+                raise ManifestError(path, mt.key("corpora"), f"names corpus {c!r}, which [corpora] does not define")
+        raw_variants = mt.take("variants", list, [])
+        variants = tuple(_variant(_Table(v, path, f"{mt.key('variants')}[{i}]"), root)
+                         for i, v in enumerate(raw_variants))
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ManifestError(path, mt.key("variants"), f"variant names repeat: {names}")
+        model_base, model_profiles = _protocol_table(mt.table("protocol"))
+        protocol = _checked(ProtocolSettings(**{**global_base, **model_base}), path, mt.key("protocol"))
+        profiles = {
+            pname: _checked(dataclasses.replace(protocol, **{**global_profiles.get(pname, {}), **model_profiles.get(pname, {})}),
+                            path, f"{mt.key('protocol')}.profiles.{pname}")
+            for pname in {*global_profiles, *model_profiles}
+        }
+        thresholds_t = mt.table("thresholds")
+        thresholds = {k: float(thresholds_t.take(k, (int, float))) for k in list(thresholds_t.data)}
+        models[mname] = ReferenceModel(
+            name=mname, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
+            protocol=protocol, profiles=profiles, thresholds=thresholds,
+            reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
+        )
+        mt.done()
+    top.done()
+    if not models:
+        raise ManifestError(path, "models", "declares no reference model")
+    manifest = Manifest(path=path, root=root, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
+                        default_profile=default_profile, models=models, corpora=corpora,
+                        table=root / table if table else None)
+    return manifest
+
+
+def protocol_settings(model: ReferenceModel, profile: str, default_profile: str) -> ProtocolSettings:
+    """The settings a profile gives for one model (the default profile is the base table)."""
+    if profile in model.profiles:
+        return model.profiles[profile]
+    if profile == default_profile:
+        return model.protocol
+    known = ", ".join(sorted({default_profile, *model.profiles}))
+    raise ManifestError("quantgate.toml", "protocol.profiles", f"no profile {profile!r} (known: {known})")
+
+
+def find_manifest(start: Path) -> Path | None:
+    for directory in (start, *start.parents):
+        candidate = directory / MANIFEST_NAME
+        if candidate.is_file():
+            return candidate
+    return None

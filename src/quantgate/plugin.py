@@ -1,0 +1,234 @@
+"""The pytest plugin (entry point `pytest11: quantgate`): options, fixtures, exit codes.
+
+Kept thin and import-light: pytest loads it on every run, so the evaluation stack is
+imported inside fixtures only. Exit codes:
+  0 all quality checks passed;  1 a check failed (or, with --quality-strict, was skipped);
+  125 with --quality-bisect, when nothing failed for real but something could not be tested
+  here (missing checkpoint, no CUDA, protocol drift, usage error, no tests, collection error),
+  so that `git bisect run` skips the commit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import CannotTest, ManifestError, QuantgateError
+
+BISECT_SKIP = 125
+_UNTESTABLE_EXITS = {pytest.ExitCode.INTERRUPTED, pytest.ExitCode.USAGE_ERROR,
+                     pytest.ExitCode.NO_TESTS_COLLECTED, pytest.ExitCode.INTERNAL_ERROR}
+
+
+@dataclass
+class QualityState:
+    manifest_option: str | None
+    profile_option: str | None
+    device_option: str
+    bisect: bool
+    strict: bool
+    json_path: Path | None
+    summary_path: Path | None
+    rootdir: Path
+    bad: list[str] = field(default_factory=list)
+    untestable: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    _manifest: Any = None
+    evaluator: Any = None
+    report: Any = None
+
+    def manifest(self):
+        if self._manifest is None:
+            from .manifest import find_manifest, load_manifest
+
+            path = Path(self.manifest_option) if self.manifest_option else find_manifest(self.rootdir)
+            if path is None:
+                raise ManifestError(self.rootdir / "quantgate.toml", "file",
+                                    "not found (pass --quality-manifest PATH)")
+            self._manifest = load_manifest(path)
+        return self._manifest
+
+    @property
+    def profile(self) -> str:
+        return self.profile_option or self.manifest().default_profile
+
+
+STATE = pytest.StashKey[QualityState]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantgate", "quantgate: quality gate for quantized checkpoints")
+    group.addoption("--quality-manifest", dest="quality_manifest", metavar="PATH", default=None,
+                    help="manifest file (default: quantgate.toml in the rootdir or above)")
+    group.addoption("--quality-profile", dest="quality_profile", metavar="NAME", default=None,
+                    help="protocol profile of the manifest to run (default: the manifest's default_profile)")
+    group.addoption("--quality-device", dest="quality_device", metavar="DEVICE", default="auto",
+                    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    group.addoption("--quality-bisect", dest="quality_bisect", action="store_true", default=False,
+                    help="exit 125 when a commit cannot be tested here, for `git bisect run`")
+    group.addoption("--quality-strict", dest="quality_strict", action="store_true", default=False,
+                    help="fail the run if any quality check was skipped or could not be tested (merge gates)")
+    group.addoption("--quality-json", dest="quality_json", metavar="PATH", default=None,
+                    help="write one JSON record per (variant, corpus, metric)")
+    group.addoption("--quality-summary", dest="quality_summary", metavar="PATH",
+                    default="reports/quality-summary.md",
+                    help="Markdown summary file (default: %(default)s; also appended to $GITHUB_STEP_SUMMARY)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "quality: a quality check of a checkpoint against its FP16 baseline")
+    config.addinivalue_line("markers", "quality_protocol: a protocol-drift snapshot (drift = cannot test)")
+    opt = config.option
+    config.stash[STATE] = QualityState(
+        manifest_option=opt.quality_manifest, profile_option=opt.quality_profile,
+        device_option=opt.quality_device, bisect=opt.quality_bisect, strict=opt.quality_strict,
+        json_path=Path(opt.quality_json) if opt.quality_json else None,
+        summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
+        rootdir=Path(config.rootpath),
+    )
+
+
+def _state(config: pytest.Config) -> QualityState:
+    return config.stash[STATE]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    wants_case = "quality_case" in metafunc.fixturenames
+    wants_protocol = "quality_protocol_case" in metafunc.fixturenames
+    if not (wants_case or wants_protocol):
+        return
+    try:
+        manifest = _state(metafunc.config).manifest()
+    except ManifestError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    from .checks import Case
+
+    if wants_case:
+        cases = [Case(m.name, v.name, c) for m in manifest.models.values() for v in m.variants for c in m.corpora]
+        metafunc.parametrize("quality_case", cases, ids=[c.id for c in cases])
+    if wants_protocol:
+        pairs = [(m.name, c) for m in manifest.models.values() for c in m.corpora]
+        metafunc.parametrize("quality_protocol_case", pairs, ids=[f"{m}/{c}" for m, c in pairs])
+
+
+def _group(item: pytest.Item) -> tuple[str, str] | None:
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("quality_case") if callspec else None
+    return (case.model, case.variant) if case is not None else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Keep every check of one (model, variant) together so it is loaded once and freed after.
+    groups: dict[tuple[str, str], int] = {}
+    for item in items:
+        g = _group(item)
+        if g is not None:
+            groups.setdefault(g, len(groups))
+    if groups:
+        order = {id(it): (groups.get(_group(it), -1), i) for i, it in enumerate(items)}
+        items.sort(key=lambda it: order[id(it)])
+
+
+@pytest.fixture(scope="session")
+def quality_evaluator(request: pytest.FixtureRequest):
+    state = _state(request.config)
+    if state.evaluator is None:
+        from .evaluation import Evaluator, resolve_device
+        from .report import RunReport
+
+        manifest = state.manifest()
+        device = resolve_device(state.device_option)
+        state.evaluator = Evaluator(manifest=manifest, profile=state.profile, device=device)
+        state.report = RunReport(profile=state.profile, device=device, environment=state.evaluator.environment())
+    yield state.evaluator
+    state.evaluator.release()
+
+
+@pytest.fixture(scope="session")
+def quality_gate(request: pytest.FixtureRequest, quality_evaluator):
+    from .checks import Gate
+    from .thresholds import load_table
+
+    return Gate(quality_evaluator, load_table(quality_evaluator.manifest.table), _state(request.config).report)
+
+
+@pytest.fixture
+def quality_protocols(request: pytest.FixtureRequest, quality_protocol_case, quality_evaluator) -> dict:
+    """Every profile's protocol for one (model, corpus): what the drift snapshot records."""
+    model, corpus = quality_protocol_case
+    manifest = _state(request.config).manifest()
+    return {profile: quality_evaluator.protocol(model, corpus, profile).as_dict()
+            for profile in manifest.profile_names()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if item.get_closest_marker("quality") is None:
+        return report
+    state = _state(item.config)
+    if report.skipped and not hasattr(report, "wasxfail"):
+        if call.when == "setup" or report.when == "call":
+            state.skipped.append(item.nodeid)
+    elif report.failed:
+        exc = call.excinfo.value if call.excinfo else None
+        drift = item.get_closest_marker("quality_protocol") is not None
+        if isinstance(exc, CannotTest) or drift:
+            state.untestable.append(item.nodeid)
+        else:
+            state.bad.append(item.nodeid)
+    return report
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    state = _state(item.config)
+    if state.evaluator is not None and _group(item) is not None and _group(nextitem) != _group(item):
+        state.evaluator.release()  # the next test needs another model (or none)
+
+
+@pytest.hookimpl(trylast=True)  # after syrupy, which ORs its own status into the exit code
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = _state(session.config)
+    if state.report is not None and state.report.records:
+        state.report.write(state.json_path, state.summary_path)
+    if state.strict and state.skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if state.bisect:
+        if state.bad:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        elif state.untestable or state.skipped or session.exitstatus in _UNTESTABLE_EXITS:
+            session.exitstatus = BISECT_SKIP
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    state = _state(config)
+    if state.report is not None and state.report.records:
+        terminalreporter.write_sep("=", "quantgate summary")
+        terminalreporter.write_line(state.report.markdown())
+        if state.summary_path:
+            terminalreporter.write_line(f"summary written to {state.summary_path}")
+    if state.strict and state.skipped:
+        terminalreporter.write_line(f"--quality-strict: {len(state.skipped)} quality check(s) skipped, "
+                                    "which fails the gate: " + ", ".join(state.skipped), red=True)
+    if state.bisect and config.get_verbosity() >= 0:
+        if state.bad:
+            terminalreporter.write_line("quantgate bisect: bad (quality failure)")
+        elif state.untestable or state.skipped:
+            terminalreporter.write_line(f"quantgate bisect: cannot test here, exit {BISECT_SKIP}: "
+                                        + ", ".join(state.untestable + state.skipped))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    if os.environ.get("QUANTGATE_QUIET_HEADER"):
+        return None
+    state = _state(config)
+    flags = [f for f, on in (("bisect", state.bisect), ("strict", state.strict)) if on]
+    return [f"quantgate: device={state.device_option} profile={state.profile_option or 'default'}"
+            + (f" ({', '.join(flags)})" if flags else "")]
+
+
+__all__ = ["QualityState", "STATE", "QuantgateError"]

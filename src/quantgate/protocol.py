@@ -1,0 +1,95 @@
+"""The protocol: everything that makes two perplexities comparable, with a stable fingerprint.
+
+Perplexity moves with the protocol (the HF docs show GPT-2-large on WikiText-2 going from
+19.44 to 16.44 by halving the stride), so a baseline is only ever compared with a
+measurement made under an identical protocol. Library versions and the exact device are
+the *environment*: recorded beside the protocol and reported when they change, but not
+part of the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, fields
+from importlib import metadata
+from typing import Any
+
+# Bump when the scoring code changes what a number means.
+SCORING_RULE = "token-weighted-mean-nll/sliding-window/context-masked/v1"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    corpus: str  # corpus name in the manifest
+    corpus_source: str  # builder or hub id, config, split, revision, files (see corpus.describe_source)
+    text_sha256: str
+    documents: int
+    joiner: str
+    tokenizer_sha256: str
+    tokens_sha256: str  # of the token stream actually scored (after the token cap)
+    add_bos: bool
+    max_length: int
+    stride: int
+    token_cap: int | None
+    scoring_rule: str
+    dtype: str
+    device_class: str  # "cpu" or "cuda": kernels differ between them
+    tokens_scored: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Protocol":
+        names = {f.name for f in fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise KeyError(f"protocol lacks {sorted(missing)}")
+        return cls(**{k: data[k] for k in names})
+
+    def differences(self, other: "Protocol") -> list[str]:
+        """Human-readable 'field: ours != theirs' lines."""
+        a, b = self.as_dict(), other.as_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def device_class(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
+
+
+_ENV_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "safetensors",
+                 "accelerate", "gptqmodel", "optimum", "gguf", "llama-cpp-python", "quantgate")
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Library versions and hardware: recorded beside a protocol, compared only for reporting."""
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _ENV_PACKAGES:
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if device is not None:
+        env["device"] = describe_device(device)
+    return env
+
+
+def describe_device(device: str) -> str:
+    if device_class(device) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def environment_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k, '-')} -> {current.get(k, '-')}"
+            for k in keys if k != "platform" and recorded.get(k) != current.get(k)]

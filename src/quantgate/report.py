@@ -1,0 +1,90 @@
+"""What a run reports: one record per (variant, corpus, metric), as JSON and as Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Record:
+    model: str
+    variant: str
+    corpus: str
+    metric: str
+    format: str
+    bits: int | None
+    verdict: str  # pass / pass (marginal) / FAIL / xfail (problematic) / REVERSAL / cannot test / error
+    value: float | None = None
+    baseline: float | None = None
+    ratio: float | None = None
+    bound: float | None = None
+    bound_source: str | None = None
+    table_row: str | None = None
+    higher_is_better: bool = False
+    protocol_fingerprint: str | None = None
+    tokens_scored: int | None = None
+    backend: str | None = None
+    kernels: list[str] = field(default_factory=list)
+    group_size: int | None = None
+    size_bytes: int | None = None
+    load_seconds: float | None = None
+    eval_seconds: float | None = None
+    detail: str | None = None
+
+
+@dataclass
+class RunReport:
+    profile: str
+    device: str
+    records: list[Record] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    environment_changes: dict[str, list[str]] = field(default_factory=dict)  # baseline path -> changes
+
+    def to_json(self) -> str:
+        from . import __version__
+
+        return json.dumps({
+            "quantgate": __version__, "profile": self.profile, "device": self.device,
+            "environment": self.environment, "environment_changes": self.environment_changes,
+            "records": [asdict(r) for r in self.records],
+        }, indent=2) + "\n"
+
+    def markdown(self) -> str:
+        head = ["variant", "format", "bits", "corpus", "PPL", "FP16 PPL", "relative PPL", "bound", "verdict"]
+        lines = [f"## quantgate summary (profile `{self.profile}`, device `{self.device}`)", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def num(x: float | None, fmt: str) -> str:
+            return "-" if x is None else format(x, fmt)
+
+        for r in self.records:
+            if r.metric != "relative_perplexity":
+                continue
+            verdict = r.verdict if not r.detail or r.value is not None else f"{r.verdict}: {r.detail}"
+            lines.append("| " + " | ".join([
+                f"{r.model}/{r.variant}", r.format, "-" if r.bits is None else str(r.bits), r.corpus,
+                num(r.value, ".3f"), num(r.baseline, ".3f"), num(r.ratio, ".4f"),
+                "none" if r.bound is None else f"{r.bound:.4g}", verdict.replace("\n", " ").replace("|", "/"),
+            ]) + " |")
+        if self.environment_changes:
+            lines += ["", "Environment differs from the baselines' (reported, not gated):"]
+            for where, changes in self.environment_changes.items():
+                lines.append(f"- `{where}`: " + "; ".join(changes))
+        return "\n".join(lines) + "\n"
+
+    def write(self, json_path: Path | None, markdown_path: Path | None) -> None:
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(self.to_json())
+        text = self.markdown()
+        if markdown_path:
+            Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(markdown_path).write_text(text)
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")

@@ -1,0 +1,78 @@
+"""The acceptability table (data, not code) and how a variant's bound is chosen."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import QuantgateError
+
+VERDICTS = ("Yes", "Usually", "Marginal", "Problematic")
+
+
+@dataclass(frozen=True)
+class TableRow:
+    label: str
+    format: str
+    bits: int
+    expected: str
+    low: float
+    high: float | None  # None: open-ended range, no bound
+    acceptable: str
+
+    def describe(self) -> str:
+        return f"{self.label}, expected {self.expected}, acceptable: {self.acceptable}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    value: float | None
+    source: str  # "table", "manifest variant", "manifest model"
+    row: TableRow | None
+
+
+def load_table(path: Path | None = None) -> list[TableRow]:
+    text = Path(path).read_text() if path else resources.files("quantgate").joinpath("data/acceptability.toml").read_text()
+    where = path or "quantgate/data/acceptability.toml"
+    rows = []
+    for i, raw in enumerate(tomllib.loads(text).get("row", [])):
+        try:
+            row = TableRow(label=raw["label"], format=raw["format"], bits=int(raw["bits"]),
+                           expected=raw["expected"], low=float(raw["low"]),
+                           high=float(raw["high"]) if "high" in raw else None, acceptable=raw["acceptable"])
+        except KeyError as exc:
+            raise QuantgateError(f"{where}: row {i} lacks {exc}") from None
+        if row.acceptable not in VERDICTS:
+            raise QuantgateError(f"{where}: row {i} has acceptable={row.acceptable!r}, not one of {VERDICTS}")
+        rows.append(row)
+    keys = [(r.format, r.bits) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise QuantgateError(f"{where}: (format, bits) repeats")
+    return rows
+
+
+def find_row(rows: list[TableRow], fmt: str, bits: int) -> TableRow | None:
+    return next((r for r in rows if r.format == fmt and r.bits == bits), None)
+
+
+def choose_bound(rows: list[TableRow], fmt: str, bits: int, *, variant_override: float | None,
+                 model_overrides: dict[str, float]) -> Bound:
+    """Variant override, then model override ("format/bits"), then the table's upper end."""
+    row = find_row(rows, fmt, bits)
+    if variant_override is not None:
+        return Bound(float(variant_override), "manifest variant max_ratio", row)
+    key = f"{fmt}/{bits}"
+    if key in model_overrides:
+        return Bound(model_overrides[key], f"manifest model thresholds[{key!r}]", row)
+    if row is None:
+        raise QuantgateError(
+            f"the acceptability table has no row for format {fmt!r} at {bits} bits; "
+            f"give the variant a max_ratio in quantgate.toml")
+    return Bound(row.high, "acceptability table", row)

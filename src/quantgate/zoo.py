@@ -1,0 +1,113 @@
+"""Variants built from recipes, cached by recipe hash.
+
+A variant with a `recipe` and no `path` lives in <zoo_dir>/<model>/<variant>-<hash12>/, where
+the hash covers everything that shapes the result: the recipe, the variant's quantization
+fields, the reference checkpoint's bytes, the calibration text and the builder's version.
+Change any of them and the variant is rebuilt (by `quantgate zoo build`, or on first use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .baselines import checkpoint_sha256
+from .errors import ManifestError, QuantgateError
+from .manifest import Manifest, ReferenceModel, Variant
+
+BUILDERS = ("gptqmodel",)
+RECIPE_FILE = "quantgate-recipe.json"
+
+
+def _calibration_corpus(manifest: Manifest, recipe: dict):
+    from .corpus import load_corpus
+
+    name = recipe.get("calibration")
+    if name not in manifest.corpora:
+        raise ManifestError(manifest.path, "recipe.calibration", f"names corpus {name!r}, which [corpora] does not define")
+    return load_corpus(manifest.corpora[name])
+
+
+def _calibration_chunks(manifest: Manifest, ref: ReferenceModel, recipe: dict) -> list[list[int]]:
+    """Token-id chunks of the calibration corpus, cut with the reference tokenizer."""
+    from .checkpoints.loading import load_tokenizer
+
+    name = recipe.get("calibration")
+    corpus = _calibration_corpus(manifest, recipe)
+    tokenizer = load_tokenizer(ref.path)
+    ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"]
+    samples, seq_len = int(recipe.get("samples", 128)), int(recipe.get("seq_len", 256))
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    if len(chunks) < samples:
+        raise QuantgateError(f"calibration corpus {name!r} gives {len(chunks)} chunks of {seq_len} tokens, "
+                             f"the recipe asks for {samples}")
+    return chunks
+
+
+def _builder_version(builder: str) -> str:
+    try:
+        return metadata.version(builder)
+    except metadata.PackageNotFoundError:
+        raise QuantgateError(f"recipe builder {builder!r} is not installed (pip install 'quantgate[gptq]')") from None
+
+
+def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> dict:
+    recipe = dict(variant.recipe or {})
+    builder = recipe.get("builder")
+    if builder not in BUILDERS:
+        raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe.builder",
+                            f"must be one of {', '.join(BUILDERS)}; got {builder!r}")
+    return {
+        "recipe": recipe,
+        "format": variant.format, "bits": variant.bits, "group_size": variant.group_size,
+        "desc_act": variant.desc_act,
+        "reference_sha256": checkpoint_sha256(ref.path),
+        "calibration_text_sha256": _calibration_corpus(manifest, recipe).text_sha256,
+        "builder_version": _builder_version(builder),
+    }
+
+
+def recipe_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def built_dir(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path:
+    return manifest.zoo_dir / ref.name / f"{variant.name}-{recipe_hash(recipe_identity(manifest, ref, variant))[:12]}"
+
+
+def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, force: bool = False) -> tuple[Path, dict | None]:
+    """Build one recipe variant unless its cache entry exists; returns (dir, build record or None)."""
+    identity = recipe_identity(manifest, ref, variant)
+    out = manifest.zoo_dir / ref.name / f"{variant.name}-{recipe_hash(identity)[:12]}"
+    if (out / RECIPE_FILE).is_file() and not force:
+        return out, None
+    if out.exists():  # an interrupted or forced build: start clean
+        import shutil
+
+        shutil.rmtree(out)
+    chunks = _calibration_chunks(manifest, ref, variant.recipe)
+    print(f"quantgate: building {ref.name}/{variant.name} ({variant.format} {variant.bits}-bit) -> {out}",
+          file=sys.stderr, flush=True)
+    from .checkpoints import gptq_build
+
+    builders = {"gptq": gptq_build.build_gptq, "awq": gptq_build.build_awq}
+    if variant.format not in builders:
+        raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
+                            f"builder gptqmodel makes {'/'.join(builders)} variants, not {variant.format!r}")
+    record = builders[variant.format](ref.path, out, bits=variant.bits, group_size=variant.group_size or 128,
+                                      desc_act=bool(variant.desc_act), calibration_texts=chunks,
+                                      seed=int(variant.recipe.get("seed", 0)))
+    record.update(identity=identity)
+    (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return out, record
+
+
+def variant_path(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path:
+    """Where the variant's checkpoint is; recipe variants are built on first use."""
+    if variant.path is not None:
+        return variant.path
+    path, _ = build_variant(manifest, ref, variant)
+    return path

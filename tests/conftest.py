@@ -1,0 +1,25 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_template(tmp_path_factory) -> Path:
+    """Built once per session; tests copy it so they can break their own copy."""
+    import tinyzoo
+
+    root = tmp_path_factory.mktemp("tinyzoo-template")
+    tinyzoo.build(root)
+    return root
+
+
+@pytest.fixture
+def tiny_project(tiny_zoo_template, tmp_path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(tiny_zoo_template, root)
+    return root

@@ -1,0 +1,181 @@
+"""The sliding-window engine: window plan properties and scores against independent oracles."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantgate.perplexity import count_scored, plan_windows, scored_positions
+
+lengths = st.tuples(st.integers(0, 600), st.integers(2, 80)).flatmap(
+    lambda nl: st.tuples(st.just(nl[0]), st.just(nl[1]), st.integers(1, nl[1])))
+
+
+@given(lengths)
+def test_no_token_is_scored_twice_and_windows_fit(args):
+    n, max_length, stride = args
+    windows = plan_windows(n, max_length, stride)
+    positions = scored_positions(windows)
+    assert len(np.unique(positions)) == len(positions)
+    for w in windows:
+        assert 0 <= w.begin < w.score_from < w.end <= n
+        assert w.end - w.begin <= max_length
+
+
+@given(lengths.filter(lambda a: a[2] < a[1]))
+def test_overlapping_windows_score_every_token_after_the_first_exactly_once(args):
+    n, max_length, stride = args
+    positions = scored_positions(plan_windows(n, max_length, stride))
+    assert positions.tolist() == list(range(1, n))
+    assert count_scored(n, max_length, stride) == max(n - 1, 0)
+
+
+@given(st.integers(0, 600), st.integers(2, 80))
+def test_stride_equal_to_max_length_is_disjoint_chunks(n, max_length):
+    windows = plan_windows(n, max_length, max_length)
+    chunks = [(b, min(b + max_length, n)) for b in range(0, n, max_length)]
+    # each chunk scores all its tokens but its first (no context); one-token chunks score nothing
+    assert [(w.begin, w.end) for w in windows] == [c for c in chunks if c[1] - c[0] >= 2]
+    assert all(w.score_from == w.begin + 1 for w in windows)
+
+
+def test_context_per_window_is_at_least_max_length_minus_stride():
+    for w in plan_windows(1000, 64, 16)[1:]:
+        assert w.score_from - w.begin >= 64 - 16
+
+
+@pytest.mark.parametrize("bad", [(10, 1, 1), (10, 8, 0), (10, 8, 9)])
+def test_invalid_plans_are_refused(bad):
+    with pytest.raises(ValueError):
+        plan_windows(*bad)
+
+
+# -- scoring with a real transformers model --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import tinyzoo
+
+    return tinyzoo.make_model(vocab_size=97, seed=3)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return np.random.default_rng(0).integers(0, 97, size=333).astype(np.int64)
+
+
+def _backend(model):
+    from quantgate.backends.hf import TransformersBackend
+
+    return TransformersBackend(model, "cpu")
+
+
+def hf_recipe_nll_sum(model, ids, max_length, stride):
+    """The HF 'perplexity of fixed-length models' loop, with labels, weighted by scored tokens."""
+    import torch
+
+    total, count, prev_end = 0.0, 0, 0
+    t = torch.as_tensor(ids).unsqueeze(0)
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        trg_len = end - prev_end
+        inputs = t[:, begin:end]
+        labels = inputs.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids=inputs, labels=labels).loss
+        n_valid = int((labels[:, 1:] != -100).sum())
+        total += float(loss) * n_valid
+        count += n_valid
+        prev_end = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+@pytest.mark.parametrize("max_length,stride", [(64, 32), (64, 64), (50, 7), (333, 100)])
+def test_engine_matches_the_hf_recipe_with_labels(tiny_model, stream, max_length, stride):
+    scores = _backend(tiny_model).loglikelihood_rolling(stream, max_length=max_length, stride=stride, batch_size=3)
+    total, count = hf_recipe_nll_sum(tiny_model, stream, max_length, stride)
+    assert scores.n == count
+    assert -scores.logprobs.sum() == pytest.approx(total, rel=1e-5)
+
+
+def test_disjoint_windows_equal_scoring_each_chunk_alone(tiny_model, stream):
+    import torch
+
+    scores = _backend(tiny_model).loglikelihood_rolling(stream, max_length=40, stride=40, batch_size=4)
+    expected = []
+    for begin in range(0, len(stream), 40):
+        chunk = torch.as_tensor(stream[begin:begin + 40]).unsqueeze(0)
+        if chunk.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(input_ids=chunk).logits[0, :-1].float(), -1)
+        expected.extend(logp.gather(1, chunk[0, 1:].unsqueeze(1)).squeeze(1).tolist())
+    np.testing.assert_allclose(scores.logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch_size=st.integers(1, 12), max_length=st.integers(8, 70), data=st.data())
+def test_batch_size_does_not_change_the_result(tiny_model, stream, batch_size, max_length, data):
+    stride = data.draw(st.integers(1, max_length))
+    backend = _backend(tiny_model)
+    one = backend.loglikelihood_rolling(stream, max_length=max_length, stride=stride, batch_size=1)
+    many = backend.loglikelihood_rolling(stream, max_length=max_length, stride=stride, batch_size=batch_size)
+    np.testing.assert_array_equal(one.positions, many.positions)
+    np.testing.assert_allclose(one.logprobs, many.logprobs, rtol=1e-5, atol=1e-5)
+
+
+class _Uniform:
+    """A 'model' whose next-token distribution is uniform: logits all equal."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, attention_mask=None):
+        import torch
+
+        class Out:
+            logits = torch.full((*input_ids.shape, self.vocab), 3.0)
+
+        return Out()
+
+
+@given(vocab=st.integers(2, 5000), n=st.integers(2, 200), max_length=st.integers(2, 40), data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_uniform_predictor_has_perplexity_equal_to_vocabulary_size(vocab, n, max_length, data):
+    from quantgate.backends.hf import TransformersBackend
+
+    stride = data.draw(st.integers(1, max_length))
+    ids = np.zeros(n, dtype=np.int64)
+    scores = TransformersBackend(_Uniform(vocab), "cpu").loglikelihood_rolling(
+        ids, max_length=max_length, stride=stride, batch_size=4)
+    if scores.n:
+        # log-softmax runs in float32: exact up to its rounding
+        assert scores.perplexity == pytest.approx(vocab, rel=1e-6)
+        assert scores.mean_nll == pytest.approx(math.log(vocab), rel=1e-6, abs=1e-7)
+
+
+def test_non_finite_logits_are_an_error_naming_the_token(tiny_model, stream):
+    import torch
+
+    from quantgate.backends.hf import TransformersBackend
+    from quantgate.errors import NonFiniteScores
+
+    class NaNAfter:
+        def eval(self):
+            return self
+
+        def __call__(self, input_ids, attention_mask=None):
+            out = tiny_model(input_ids=input_ids)
+            out.logits[:, 5:, :] = torch.nan
+            return out
+
+    with pytest.raises(NonFiniteScores, match="non-finite log-probabilities .first at token 6"):
+        TransformersBackend(NaNAfter(), "cpu").loglikelihood_rolling(stream, max_length=64, stride=64, batch_size=2)
