@@ -11,7 +11,8 @@ pytest_plugins = ["pytester"]
 @pytest.fixture(scope="session")
 def tiny_zoo_template(tmp_path_factory) -> Path:
     """Built once per session; tests copy it so they can break their own copy."""
-    import tinyzoo
+    import datasets  # noqa: F401  imported out here: pytester's in-process runs drop modules
+    import tinyzoo  # imported inside them, and pyarrow cannot register datasets' types twice
 
     root = tmp_path_factory.mktemp("tinyzoo-template")
     tinyzoo.build(root)

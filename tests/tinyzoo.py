@@ -64,8 +64,9 @@ def save_variant(model, tokenizer_dir: Path, out: Path, *, noise: float = 0.0, u
         if uniform:
             variant.lm_head.weight.zero_()
     variant.to(torch.float16).save_pretrained(out)
-    for f in tokenizer_dir.glob("tokenizer*"):
-        shutil.copy(f, out / f.name)
+    if Path(out).resolve() != Path(tokenizer_dir).resolve():
+        for f in tokenizer_dir.glob("tokenizer*"):
+            shutil.copy(f, out / f.name)
     return out
 
 

@@ -57,7 +57,7 @@ class Gate:
                          f"stride {p.stride}, token_cap {p.token_cap}, {p.dtype}, {p.device_class}, "
                          f"{p.scoring_rule})")
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
-        j = judge(variant=case.id, corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
+        j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
                   baseline_source=str(baseline.path), protocol_line=protocol_line)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio

@@ -64,7 +64,7 @@ def cmd_baseline(args) -> int:
                 protocol = ev.protocol(model, corpus)
                 try:
                     old = bl.read_baseline(path)
-                    same = old.protocol == protocol and old.provenance.get("reference_sha256") == reference_sha
+                    same = old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
                     if same and not args.force:
                         print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
                         continue

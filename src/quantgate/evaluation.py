@@ -117,7 +117,7 @@ class Evaluator:
         baseline = bl.read_baseline(self.baseline_path(model, corpus),
                                     create_hint=self.baseline_command(model, corpus))
         ours = self.protocol(model, corpus)
-        if baseline.protocol != ours:
+        if not ours.matches(baseline.protocol):
             diff = "\n  ".join(ours.differences(baseline.protocol))
             raise ProtocolMismatch(
                 f"refusing to compare {model}/{corpus}: the manifest's protocol ({ours.fingerprint}) differs from "

@@ -190,6 +190,22 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         state.evaluator.release()  # the next test needs another model (or none)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config):
+    # A usage error raised inside the session (e.g. a path that does not exist) is re-raised
+    # past pytest_sessionfinish and turned into exit 4 by pytest.main: map it here.
+    # (Errors in the command-line options themselves happen before any plugin runs.)
+    try:
+        return (yield)
+    except pytest.UsageError as exc:
+        if not config.option.quality_bisect:
+            raise
+        import sys
+
+        sys.stderr.write(f"ERROR: {exc}\nquantgate bisect: usage error, cannot test here, exit {BISECT_SKIP}\n")
+        return BISECT_SKIP
+
+
 @pytest.hookimpl(trylast=True)  # after syrupy, which ORs its own status into the exit code
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = _state(session.config)
@@ -227,7 +243,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         return None
     state = _state(config)
     flags = [f for f, on in (("bisect", state.bisect), ("strict", state.strict)) if on]
-    return [f"quantgate: device={state.device_option} profile={state.profile_option or 'default'}"
+    return [f"quantgate: device={state.device_option} profile={state.profile_option or '(manifest default)'}"
             + (f" ({', '.join(flags)})" if flags else "")]
 
 

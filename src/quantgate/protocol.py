@@ -54,6 +54,10 @@ class Protocol:
             raise KeyError(f"protocol lacks {sorted(missing)}")
         return cls(**{k: data[k] for k in names})
 
+    def matches(self, other: "Protocol") -> bool:
+        """Same protocol, by value (not by class identity: baselines come back from JSON)."""
+        return self.as_dict() == other.as_dict()
+
     def differences(self, other: "Protocol") -> list[str]:
         """Human-readable 'field: ours != theirs' lines."""
         a, b = self.as_dict(), other.as_dict()

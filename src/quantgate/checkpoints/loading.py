@@ -41,7 +41,14 @@ def _require(path: Path | None, what: str) -> Path:
     return Path(path)
 
 
+def quiet_optional_libraries() -> None:
+    """Optional quantization libraries log import-time noise (missing CUDA extensions on CPU)."""
+    for noisy in ("gptqmodel", "torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def load_tokenizer(path: Path):
+    quiet_optional_libraries()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -95,15 +102,13 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     if fmt not in HF_FORMATS:
         raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(HF_FORMATS)})")
     path = _require(path, what)
+    quiet_optional_libraries()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     started = time.perf_counter()
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
-    # Optional quantization libraries log import-time noise (missing CUDA extensions on CPU).
-    for noisy in ("gptqmodel", "torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)

@@ -1,0 +1,92 @@
+"""Baseline files: round trip, atomic writes, strict reads with messages that name the file."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from quantgate import baselines as bl
+from quantgate.errors import BaselineFormatError, BaselineMissing
+from quantgate.protocol import SCORING_RULE, Protocol
+
+
+@pytest.fixture
+def protocol():
+    return Protocol(corpus="code", corpus_source="json[train]", text_sha256="a" * 64, documents=3, joiner="\n\n",
+                    tokenizer_sha256="b" * 64, tokens_sha256="c" * 64, add_bos=False, max_length=64, stride=32,
+                    token_cap=None, scoring_rule=SCORING_RULE, dtype="float32", device_class="cpu", tokens_scored=5)
+
+
+@pytest.fixture
+def baseline(protocol):
+    logprobs = np.log(np.array([0.5, 0.25, 0.1, 0.9, 0.3]))
+    return bl.Baseline(model="m", corpus="code", profile="full", protocol=protocol,
+                       perplexity=float(np.exp(-logprobs.mean())), mean_nll=float(-logprobs.mean()),
+                       environment={"torch": "2.13.0"}, provenance={"git_commit": "abc", "reference_sha256": "d"},
+                       logprobs=logprobs, doc_starts=np.array([0, 2]))
+
+
+def test_round_trip(tmp_path, baseline):
+    path = bl.baseline_path(tmp_path, "m", "code", "full")
+    bl.write_baseline(baseline, path)
+    back = bl.read_baseline(path)
+    assert back.protocol == baseline.protocol
+    assert back.perplexity == baseline.perplexity
+    np.testing.assert_allclose(back.logprobs, baseline.logprobs, rtol=1e-6)
+    assert back.doc_starts.tolist() == [0, 2]
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == bl.SCHEMA_VERSION and doc["protocol_fingerprint"] == baseline.protocol.fingerprint
+    assert sorted(p.name for p in path.parent.iterdir()) == ["code.full.json", "code.full.npz"]  # no temp files
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_missing_baseline_says_which_command_creates_it(tmp_path):
+    with pytest.raises(BaselineMissing, match="create it with: quantgate baseline --model m"):
+        bl.read_baseline(tmp_path / "m" / "code.full.json", create_hint="quantgate baseline --model m")
+
+
+def _corrupt(path, mutate):
+    doc = json.loads(path.read_text())
+    mutate(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(schema=99), "schema 99 was written by a newer quantgate"),
+    (lambda d: d.update(schema=0), "unknown baseline schema 0"),
+    (lambda d: d["summary"].pop("perplexity"), "key 'summary.perplexity' is missing"),
+    (lambda d: d["protocol"].update(stride=16), "protocol_fingerprint does not match"),
+    (lambda d: d["arrays"].update(sha256="0" * 64), "do not match the hash"),
+    (lambda d: d.update(kind="something-else"), "not a quantgate baseline"),
+])
+def test_malformed_baselines_are_refused_by_name(tmp_path, baseline, mutate, message):
+    path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
+    _corrupt(path, mutate)
+    with pytest.raises(BaselineFormatError, match=message) as err:
+        bl.read_baseline(path)
+    assert str(path.parent) in str(err.value)
+
+
+def test_truncated_json_and_missing_arrays(tmp_path, baseline):
+    path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
+    path.with_suffix(".npz").unlink()
+    with pytest.raises(BaselineFormatError, match="array file code.full.npz is missing"):
+        bl.read_baseline(path)
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(BaselineFormatError, match="not valid JSON"):
+        bl.read_baseline(path)
+
+
+def test_failed_write_leaves_the_old_baseline_intact(tmp_path, baseline, monkeypatch):
+    path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bl.os, "replace", boom)
+    with pytest.raises(OSError):
+        bl.write_baseline(replace(baseline, perplexity=1.0), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["code.full.json", "code.full.npz"]

@@ -1,0 +1,97 @@
+"""The acceptability table and the gate's decision rule."""
+
+import pytest
+
+from quantgate.errors import QuantgateError
+from quantgate.gate import FAIL, PASS, REVERSAL, XFAIL, judge
+from quantgate.protocol import SCORING_RULE, Protocol
+from quantgate.thresholds import choose_bound, find_row, load_table
+
+
+@pytest.fixture(scope="module")
+def table():
+    return load_table()
+
+
+def test_table_reproduces_the_seed_rows(table):
+    rows = {(r.format, r.bits): (r.expected, r.low, r.high, r.acceptable) for r in table}
+    assert rows[("gptq", 8)] == ("1.02-1.05", 1.02, 1.05, "Yes")
+    assert rows[("gguf", 8)] == ("1.03-1.06", 1.03, 1.06, "Yes")
+    assert rows[("gptq", 4)] == ("1.05-1.10", 1.05, 1.10, "Usually")
+    assert rows[("awq", 4)] == ("1.04-1.08", 1.04, 1.08, "Usually")
+    assert rows[("gguf", 4)] == ("1.05-1.12", 1.05, 1.12, "Usually")
+    assert rows[("gguf", 3)] == ("1.10-1.20", 1.10, 1.20, "Marginal")
+    assert rows[("gguf", 2)] == ("1.15-1.30+", 1.15, None, "Problematic")
+    assert rows[("fp16", 16)][2] == 1.0
+
+
+def test_bound_precedence(table):
+    assert choose_bound(table, "gptq", 4, variant_override=None, model_overrides={}).value == 1.10
+    assert choose_bound(table, "gptq", 4, variant_override=None, model_overrides={"gptq/4": 1.2}).value == 1.2
+    b = choose_bound(table, "gptq", 4, variant_override=1.07, model_overrides={"gptq/4": 1.2})
+    assert (b.value, b.source) == (1.07, "manifest variant max_ratio")
+    assert choose_bound(table, "gguf", 2, variant_override=None, model_overrides={}).value is None
+    with pytest.raises(QuantgateError, match="no row for format 'gptq' at 3 bits"):
+        choose_bound(table, "gptq", 3, variant_override=None, model_overrides={})
+
+
+def test_custom_table_file_is_validated(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('[[row]]\nlabel="x"\nformat="gptq"\nbits=4\nexpected="1-2"\nlow=1\nhigh=2\nacceptable="Maybe"\n')
+    with pytest.raises(QuantgateError, match="acceptable='Maybe'"):
+        load_table(path)
+
+
+PROTOCOL_LINE = "abcd1234 (max_length 256, stride 128)"
+
+
+def decide(table, value, fmt="gptq", bits=4, baseline=10.0, tolerance=0.005, override=None):
+    bound = choose_bound(table, fmt, bits, variant_override=override, model_overrides={})
+    return judge(variant="demo/v", corpus="code", value=value, baseline=baseline, bound=bound,
+                 reversal_tolerance=tolerance, tokens=1234, baseline_source="baselines/demo/code.full.json",
+                 protocol_line=PROTOCOL_LINE)
+
+
+def test_within_and_beyond_the_bound(table):
+    assert decide(table, 11.0).outcome == PASS  # ratio 1.10 == bound: inside
+    j = decide(table, 11.2345)
+    assert j.outcome == FAIL and j.verdict == "FAIL"
+    for text in ("relative perplexity 1.1235 exceeds bound 1.1", "value     : 11.2345", "baseline  : 10.0000",
+                 "ratio     : 1.1235", "1.1 (acceptability table)", "GPTQ 4-bit, expected 1.05-1.10, acceptable: Usually",
+                 f"protocol  : {PROTOCOL_LINE}", "1,234 tokens", "baselines/demo/code.full.json"):
+        assert text in j.message
+
+
+def test_marginal_rows_pass_but_are_marked(table):
+    j = decide(table, 11.5, fmt="gguf", bits=3)
+    assert (j.outcome, j.verdict) == (PASS, "pass (marginal)")
+    assert decide(table, 12.5, fmt="gguf", bits=3).outcome == FAIL
+
+
+def test_problematic_rows_are_expected_failures_unless_bounded(table):
+    j = decide(table, 14.0, fmt="gguf", bits=2)
+    assert j.outcome == XFAIL and "ratio     : 1.4000" in j.message and "open-ended" in j.message
+    assert decide(table, 14.0, fmt="gguf", bits=2, override=1.3).outcome == FAIL
+    assert decide(table, 12.0, fmt="gguf", bits=2, override=1.3).outcome == PASS
+
+
+def test_reversal_is_flagged_beyond_the_tolerance_only(table):
+    assert decide(table, 9.96).outcome == PASS  # 0.4% below: noise
+    j = decide(table, 9.90)  # 1% below
+    assert j.outcome == REVERSAL and "PERPLEXITY REVERSAL" in j.message and "Investigate" in j.message
+    assert decide(table, 9.90, tolerance=0.02).outcome == PASS
+
+
+def test_protocol_fingerprint_is_stable_and_sensitive():
+    p = Protocol(corpus="c", corpus_source="s", text_sha256="t", documents=1, joiner="\n", tokenizer_sha256="k",
+                 tokens_sha256="i", add_bos=False, max_length=8, stride=4, token_cap=None, scoring_rule=SCORING_RULE,
+                 dtype="float32", device_class="cpu", tokens_scored=7)
+    assert p.fingerprint == Protocol.from_dict(p.as_dict()).fingerprint
+    from dataclasses import fields, replace
+
+    for f in fields(p):
+        value = getattr(p, f.name)
+        changed = replace(p, **{f.name: (not value) if isinstance(value, bool) else
+                                (value + 1 if isinstance(value, int) else f"{value}x")})
+        assert changed.fingerprint != p.fingerprint, f.name
+        assert changed.differences(p) and changed.differences(p)[0].startswith(f.name)

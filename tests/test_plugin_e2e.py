@@ -1,0 +1,209 @@
+"""The plugin end to end (pytester): verdicts, messages, reports, drift, audits, exit codes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tinyzoo
+
+from quantgate import cli
+
+REPO = Path(__file__).resolve().parents[1]
+BISECT_SKIP = 125
+
+
+def make_project(pytester, template, variants=tinyzoo.GOOD_VARIANTS, extra=""):
+    shutil.copytree(template, pytester.path, dirs_exist_ok=True)
+    manifest = tinyzoo.write_manifest(pytester.path, variants=variants, extra_quantgate=extra)
+    tests = pytester.path / "quality_tests"
+    tests.mkdir(exist_ok=True)
+    for f in (REPO / "quality_tests").glob("test_*.py"):
+        shutil.copy(f, tests / f.name)
+    assert cli.main(["baseline", "--manifest", str(manifest), "--all-profiles"]) == 0
+    created = pytester.runpytest("-m", "quality", "--snapshot-update", "-p", "no:cacheprovider")
+    assert "snapshots generated" in created.stdout.str()
+    return manifest
+
+
+def run(pytester, *args):
+    return pytester.runpytest("-m", "quality", "-p", "no:cacheprovider", *args)
+
+
+WORSE = tinyzoo.GOOD_VARIANTS + """
+[[models.tiny.variants]]
+name = "worse"
+format = "fp16"
+bits = 16
+path = "models/worse"
+max_ratio = 1.05
+"""
+
+
+def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template, tmp_path, monkeypatch):
+    make_project(pytester, tiny_zoo_template)
+    step_summary = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    result = run(pytester, "--quality-json", str(tmp_path / "q.json"))
+    assert result.ret == 0
+    result.assert_outcomes(passed=4)  # 2 corpora x 1 variant + 2 protocol snapshots
+    out = result.stdout.str()
+    assert "| variant | format | bits | corpus | PPL | FP16 PPL | relative PPL | bound | verdict |" in out
+    assert "| tiny/close | fp16 | 16 | code |" in out
+    records = json.loads((tmp_path / "q.json").read_text())["records"]
+    assert {(r["variant"], r["corpus"], r["verdict"]) for r in records} == {("close", "code", "pass"),
+                                                                           ("close", "prose", "pass")}
+    for r in records:
+        assert r["format"] == "fp16" and r["bits"] == 16 and r["backend"] == "transformers"
+        assert r["value"] > 0 and r["baseline"] > 0 and r["ratio"] == pytest.approx(r["value"] / r["baseline"])
+        assert r["bound"] == 1.05 and len(r["protocol_fingerprint"]) == 16
+    assert "quantgate summary" in step_summary.read_text()
+    assert (pytester.path / "reports" / "quality-summary.md").read_text().count("tiny/close") == 2
+
+
+def test_variant_beyond_its_bound_exits_1_with_the_full_message(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template, variants=WORSE)
+    result = run(pytester)
+    assert result.ret == 1
+    out = result.stdout.str()
+    assert "tiny/worse on code: relative perplexity" in out and "exceeds bound 1.05" in out
+    for field in ("value     :", "baseline  :", "ratio     :", "bound     : 1.05 (manifest variant max_ratio)",
+                  "table row : FP16", "protocol  :"):
+        assert field in out
+    result.assert_outcomes(passed=4, failed=2)
+    # with --quality-bisect a real quality failure stays "bad"
+    assert run(pytester, "--quality-bisect").ret == 1
+
+
+def test_problematic_row_is_xfail_with_numbers_and_reversal_fails(pytester, tiny_zoo_template):
+    table = pytester.path / "table.toml"
+    pytester.path.mkdir(exist_ok=True)
+    table.write_text('[[row]]\nlabel = "Synthetic 2-bit"\nformat = "fp16"\nbits = 2\nexpected = "1.15-1.30+"\n'
+                     'low = 1.15\nacceptable = "Problematic"\n\n[[row]]\nlabel = "FP16"\nformat = "fp16"\nbits = 16\n'
+                     'expected = "1.00"\nlow = 1.0\nhigh = 1.0\nacceptable = "Yes"\n')
+    variants = """
+[[models.tiny.variants]]
+name = "two-bit"
+format = "fp16"
+bits = 2
+path = "models/worse"
+
+[[models.tiny.variants]]
+name = "uniform"
+format = "fp16"
+bits = 16
+path = "models/uniform"
+max_ratio = 1.05
+"""
+    make_project(pytester, tiny_zoo_template, variants=variants, extra='table = "table.toml"')
+    result = run(pytester, "-rxX")
+    result.assert_outcomes(passed=2, xfailed=2, failed=2)
+    out = result.stdout.str()
+    assert "open-ended (1.15-1.30+)" in out and "xfail (problematic)" in out
+    assert "tiny/uniform on code: PERPLEXITY REVERSAL" in out and "REVERSAL" in out
+    assert result.ret == 1
+
+
+def test_protocol_drift_fails_snapshot_and_refuses_comparison(pytester, tiny_zoo_template):
+    manifest = make_project(pytester, tiny_zoo_template)
+    original = manifest.read_text()
+    manifest.write_text(original.replace("stride = 32", "stride = 16"))
+    result = run(pytester)
+    assert result.ret == 1
+    out = result.stdout.str()
+    assert "test_protocol_snapshot" in out and "'stride': 16" in out  # syrupy's readable diff
+    assert "refusing to compare tiny/code" in out and "stride: 16 != 32" in out
+    assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
+    manifest.write_text(original)
+    assert run(pytester).ret == 0
+
+
+def test_k_subset_does_not_fail_on_unselected_snapshots(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    result = run(pytester, "-k", "prose")
+    assert result.ret == 0
+    result.assert_outcomes(passed=2)
+    assert "unused" not in result.stdout.str()
+
+
+def test_missing_weight_fails_naming_it(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    from safetensors.torch import load_file, save_file
+
+    weights = pytester.path / "models" / "close" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result = run(pytester, "--quality-bisect")
+    assert result.ret == 1  # a broken checkpoint is bad, not untestable
+    assert "did not load whole: missing weights: model.layers.1.mlp.down_proj.weight" in result.stdout.str()
+
+
+def test_missing_checkpoint_is_untestable_under_bisect(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    shutil.rmtree(pytester.path / "models" / "close")
+    result = run(pytester)
+    assert result.ret == 1 and "checkpoint not found" in result.stdout.str()
+    assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
+
+
+def test_variant_with_another_tokenizer_is_bad(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    close = pytester.path / "models" / "close"
+    tok = json.loads((close / "tokenizer.json").read_text())
+    merges = tok["model"]["merges"]
+    tok["model"]["merges"] = merges[: len(merges) // 2]  # same vocabulary, different segmentation
+    (close / "tokenizer.json").write_text(json.dumps(tok))
+    result = run(pytester, "--quality-bisect")
+    assert result.ret == 1
+    assert "turns corpus 'code' into different token ids" in result.stdout.str()
+
+
+def test_missing_baseline_names_the_command(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    for f in (pytester.path / "baselines" / "tiny").glob("code.full.*"):
+        f.unlink()
+    result = run(pytester, "-k", "code")
+    assert result.ret == 1
+    assert "create it with: quantgate baseline --model tiny --corpus code" in result.stdout.str()
+
+
+def test_strict_fails_a_run_that_skipped_a_check(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    pytester.makeconftest("""
+        import pytest
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if "prose" in item.nodeid and "perplexity" in item.nodeid:
+                    item.add_marker(pytest.mark.skip(reason="e.g. needs CUDA"))
+    """)
+    assert run(pytester).ret == 0
+    strict = run(pytester, "--quality-strict")
+    assert strict.ret == 1 and "--quality-strict: 1 quality check(s) skipped" in strict.stdout.str()
+    assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
+
+
+@pytest.mark.parametrize("args", [("-k", "no_such_variant"), ("no/such/path.py",)])
+def test_pytest_level_untestable_outcomes_exit_125_under_bisect(pytester, tiny_zoo_template, args):
+    make_project(pytester, tiny_zoo_template)
+    assert run(pytester, *args).ret in (4, 5)
+    assert run(pytester, "--quality-bisect", *args).ret == BISECT_SKIP
+
+
+def test_collection_error_exits_125_under_bisect(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    (pytester.path / "quality_tests" / "test_broken.py").write_text("import no_such_module\n")
+    assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
+
+
+def test_baseline_cli_never_overwrites_silently(pytester, tiny_zoo_template, capsys):
+    manifest = make_project(pytester, tiny_zoo_template)
+    path = pytester.path / "baselines" / "tiny" / "code.full.json"
+    before = path.read_bytes()
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    manifest.write_text(manifest.read_text().replace("stride = 32", "stride = 16"))
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code"]) == 1
+    assert "REFUSED" in capsys.readouterr().err and path.read_bytes() == before
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code", "--force"]) == 0
+    assert json.loads(path.read_text())["protocol"]["stride"] == 16
