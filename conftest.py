@@ -6,3 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The machinery's end-to-end tests drive inner pytest runs.
+pytest_plugins = ["pytester"]

@@ -5,7 +5,7 @@ import pytest
 from quantgate.errors import QuantgateError
 from quantgate.gate import FAIL, PASS, REVERSAL, XFAIL, judge
 from quantgate.protocol import SCORING_RULE, Protocol
-from quantgate.thresholds import choose_bound, find_row, load_table
+from quantgate.thresholds import choose_bound, load_table
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,19 @@ def test_protocol_fingerprint_is_stable_and_sensitive():
                                 (value + 1 if isinstance(value, int) else f"{value}x")})
         assert changed.fingerprint != p.fingerprint, f.name
         assert changed.differences(p) and changed.differences(p)[0].startswith(f.name)
+
+
+def test_report_round_trips_and_fills_a_marked_readme_section(tmp_path):
+    from quantgate import cli
+    from quantgate.report import Record, RunReport
+
+    report = RunReport(profile="full", device="cpu", records=[
+        Record(model="demo", variant="q4", corpus="code", metric="relative_perplexity", format="gptq", bits=4,
+               verdict="pass (marginal)", value=11.0, baseline=10.0, ratio=1.1, bound=1.2)])
+    (tmp_path / "q.json").write_text(report.to_json())
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-summary:start -->\nold\n<!-- demo-summary:end -->\noutro\n")
+    assert cli.main(["report", str(tmp_path / "q.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| demo/q4 | gptq | 4 | code | 11.000 | 10.000 | 1.1000 | 1.2 | pass (marginal) |" in text

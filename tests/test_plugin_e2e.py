@@ -207,3 +207,41 @@ def test_baseline_cli_never_overwrites_silently(pytester, tiny_zoo_template, cap
     assert "REFUSED" in capsys.readouterr().err and path.read_bytes() == before
     assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code", "--force"]) == 0
     assert json.loads(path.read_text())["protocol"]["stride"] == 16
+
+
+def test_environment_changes_are_reported_not_gated(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    path = pytester.path / "baselines" / "tiny" / "code.full.json"
+    doc = json.loads(path.read_text())
+    doc["environment"]["torch"] = "1.0.0"
+    path.write_text(json.dumps(doc))
+    result = run(pytester)
+    assert result.ret == 0
+    out = result.stdout.str()
+    assert "Environment differs from the baselines' (reported, not gated):" in out
+    assert "torch: 1.0.0 -> " in out
+
+
+def test_each_variant_is_loaded_once_and_freed_after_its_group(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template, variants=WORSE)
+    (pytester.path / "quality_tests" / "test_again.py").write_text(
+        "import pytest\n\n@pytest.mark.quality\ndef test_again(quality_case, quality_gate):\n"
+        "    quality_gate.relative_perplexity(quality_case)\n")
+    pytester.makeconftest("""
+        import quantgate.evaluation as ev
+        events = []
+        _load, _release = ev.load_checkpoint, ev.release
+        def load(*args, **kwargs):
+            events.append("load " + kwargs["what"])
+            return _load(*args, **kwargs)
+        def release(loaded):
+            events.append("free")
+            return _release(loaded)
+        ev.load_checkpoint, ev.release = load, release
+        def pytest_sessionfinish(session):
+            print("EVENTS", events)
+    """)
+    result = run(pytester, "-s", "-k", "perplexity or again")
+    assert result.ret == 1  # 'worse' fails its bound, as intended
+    events = next(line for line in result.stdout.lines if "EVENTS" in line)
+    assert events.endswith("EVENTS ['load variant tiny/close', 'free', 'load variant tiny/worse', 'free']"), events

@@ -3,6 +3,7 @@
   quantgate baseline [--model M] [--corpus C] [--profile P | --all-profiles] [--force]
   quantgate zoo build [--model M] [--variant V] [--force]
   quantgate protocol [--model M] [--corpus C] [--profile P]
+  quantgate report QUALITY.json [--readme README.md]
 """
 
 from __future__ import annotations
@@ -129,6 +130,22 @@ def cmd_protocol(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import RunReport, replace_marked_section
+
+    report = RunReport.from_json(Path(args.json).read_text())
+    table = report.markdown()
+    if args.command_line:
+        table += f"\nMeasured with `{args.command_line}`; regenerate with `quantgate report {args.json} --readme README.md`.\n"
+    if args.readme:
+        readme = Path(args.readme)
+        readme.write_text(replace_marked_section(readme.read_text(), args.marker, table))
+        print(f"{readme}: section {args.marker!r} updated")
+    else:
+        print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantgate", description="Quality gate for quantized LLM checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--corpus", action="append", default=None)
     pr.add_argument("--profile", default=None)
     pr.set_defaults(func=cmd_protocol)
+    rp = sub.add_parser("report", help="render the Markdown summary of a --quality-json file")
+    rp.add_argument("json", help="a file written by pytest --quality-json")
+    rp.add_argument("--readme", default=None, help="write it into this file between <!-- MARKER:start/end -->")
+    rp.add_argument("--marker", default="demo-summary")
+    rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 

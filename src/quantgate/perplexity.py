@@ -64,6 +64,8 @@ class TokenScores:
 
     positions: np.ndarray  # int64, absolute index of the target token in the stream
     logprobs: np.ndarray  # float64, log p(token | context)
+    topk_ids: np.ndarray | None = None  # int64 (n, k): the k most likely next tokens, best first
+    topk_logprobs: np.ndarray | None = None  # float32 (n, k): their log-probabilities
 
     @property
     def n(self) -> int:

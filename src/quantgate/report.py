@@ -76,6 +76,14 @@ class RunReport:
                 lines.append(f"- `{where}`: " + "; ".join(changes))
         return "\n".join(lines) + "\n"
 
+    @classmethod
+    def from_json(cls, text: str) -> "RunReport":
+        doc = json.loads(text)
+        fields = set(Record.__dataclass_fields__)
+        return cls(profile=doc["profile"], device=doc["device"], environment=doc.get("environment", {}),
+                   environment_changes=doc.get("environment_changes", {}),
+                   records=[Record(**{k: v for k, v in r.items() if k in fields}) for r in doc["records"]])
+
     def write(self, json_path: Path | None, markdown_path: Path | None) -> None:
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,3 +96,13 @@ class RunReport:
         if step_summary:
             with open(step_summary, "a", encoding="utf-8") as fh:
                 fh.write(text + "\n")
+
+
+def replace_marked_section(document: str, marker: str, body: str) -> str:
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> (markers kept)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if start not in document or end not in document:
+        raise ValueError(f"markers {start} ... {end} not found")
+    head, rest = document.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"

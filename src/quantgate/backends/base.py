@@ -20,16 +20,19 @@ class ScoringBackend(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int) -> np.ndarray:
-        """log p(ids[t] | ids[w.begin:t]) for t in [w.score_from, w.end), windows in order, concatenated."""
+    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int,
+                      top_k: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """For t in [w.score_from, w.end), windows in order, concatenated:
+        log p(ids[t] | ids[w.begin:t]) and, if top_k > 0, the ids and log-probs of the top_k next tokens."""
 
     def describe(self) -> dict:
         return {"backend": self.name}
 
     def loglikelihood_rolling(self, ids: np.ndarray, *, max_length: int, stride: int,
-                              batch_size: int) -> TokenScores:
+                              batch_size: int, top_k: int = 0) -> TokenScores:
         windows = plan_windows(len(ids), max_length, stride)
-        logprobs = np.asarray(self.score_windows(ids, windows, batch_size), dtype=np.float64)
+        logprobs, topk_ids, topk_logprobs = self.score_windows(ids, windows, batch_size, top_k)
+        logprobs = np.asarray(logprobs, dtype=np.float64)
         positions = scored_positions(windows)
         if logprobs.shape != positions.shape:
             raise RuntimeError(f"{self.name}: {logprobs.size} scores for {positions.size} targets")
@@ -39,4 +42,4 @@ class ScoringBackend(abc.ABC):
             raise NonFiniteScores(
                 f"{self.name} produced {int(bad.sum())} non-finite log-probabilities "
                 f"(first at token {first}): the model or its kernels are broken")
-        return TokenScores(positions=positions, logprobs=logprobs)
+        return TokenScores(positions=positions, logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs)

@@ -23,10 +23,12 @@ class TransformersBackend(ScoringBackend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}
 
-    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int) -> np.ndarray:
+    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int, top_k: int = 0):
         import torch
 
         out: list[np.ndarray] = []
+        top_ids: list[np.ndarray] = []
+        top_lp: list[np.ndarray] = []
         ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         with torch.inference_mode():
             for first in range(0, len(windows), batch_size):
@@ -46,7 +48,15 @@ class TransformersBackend(ScoringBackend):
                 # Position i predicts token i + 1.
                 targets = labels[:, 1:].to(logits.device)
                 keep = targets != IGNORE
-                picked = logits[:, :-1][keep].float()
-                logprobs = torch.log_softmax(picked, dim=-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-                out.append(logprobs.cpu().numpy().astype(np.float64))
-        return np.concatenate(out) if out else np.zeros(0)
+                dist = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+                out.append(dist.gather(1, targets[keep].unsqueeze(1)).squeeze(1).cpu().numpy().astype(np.float64))
+                if top_k:
+                    values, indices = dist.topk(top_k, dim=-1)
+                    top_ids.append(indices.cpu().numpy().astype(np.int64))
+                    top_lp.append(values.cpu().numpy())
+        logprobs = np.concatenate(out) if out else np.zeros(0)
+        if not top_k:
+            return logprobs, None, None
+        if not top_ids:
+            return logprobs, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+        return logprobs, np.concatenate(top_ids), np.concatenate(top_lp)

@@ -109,10 +109,16 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     started = time.perf_counter()
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
+    kwargs = dict(dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except RuntimeError as exc:
+            if "ignore_mismatched_sizes" not in str(exc):
+                raise
+            # Reload only to learn *which* tensors have the wrong shape; the audit then refuses it.
+            model, info = AutoModelForCausalLM.from_pretrained(str(path), ignore_mismatched_sizes=True, **kwargs)
+    except Exception as exc:  # safetensors, json, torch and library errors alike: the file is unusable
         raise LoadAuditError(f"{what}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(previous)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command per job, on a fresh machine: sets up .venv (once) and runs.
+#   ./run.sh quality [pytest args]   the main job: `pytest -m quality` on the demo zoo
+#   ./run.sh test    [pytest args]   the test suite, then the fast quality tier
+#   ./run.sh bench   [pytest args]   benchmarks of the evaluation hot path
+# Installs go through constraints.txt (torch==2.13.0, the CPU wheel this project's machines use).
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+setup() {
+  local stamp=".venv/.quantgate-installed"
+  local want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "run.sh: installing quantgate and its evaluation stack into .venv (first run: a few minutes)" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,demo,test]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+job=${1:-}
+shift || true
+case "$job" in
+  quality)
+    setup
+    exec .venv/bin/python -m pytest -m quality quality_tests "$@"
+    ;;
+  test)
+    setup
+    .venv/bin/python -m pytest tests "$@"
+    exec .venv/bin/python -m pytest -m quality quality_tests --quality-profile fast --quality-strict \
+      --quality-json reports/quality-fast.json
+    ;;
+  bench)
+    setup
+    exec .venv/bin/python -m pytest benchmarks --benchmark-only "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh quality|test|bench [pytest args]" >&2
+    exit 2
+    ;;
+esac

