@@ -55,7 +55,7 @@ def cmd_baseline(args) -> int:
     command = "quantgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for model in _models(manifest, args):
         corpora = args.corpus or list(manifest.models[model].corpora)
-        reference_sha = bl.checkpoint_sha256(manifest.models[model].path)
+        reference_sha = ev.reference_sha256(model)
         for profile in profiles:
             ev.profile = profile
             for corpus in corpora:

@@ -63,6 +63,7 @@ class Evaluator:
     _tokenizers: dict[str, Any] = field(default_factory=dict)
     _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
     _resident: tuple[tuple[str, str | None], LoadedCheckpoint] | None = None
+    _reference_sha: dict[str, str] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -98,11 +99,18 @@ class Evaluator:
         return Protocol(
             corpus=corpus, corpus_source=self.corpus(corpus).source,
             text_sha256=self.corpus(corpus).text_sha256, documents=len(self.corpus(corpus).documents),
-            joiner=spec.joiner, tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
+            joiner=spec.joiner.encode("unicode_escape").decode("ascii"),  # readable in snapshot diffs
+            tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
             add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
             scoring_rule=SCORING_RULE, dtype=s.dtype, device_class=device_class(self.device),
             tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride),
         )
+
+    def reference_sha256(self, model: str) -> str:
+        """Hash of the reference checkpoint's files, once per session (GBs for real models)."""
+        if model not in self._reference_sha:
+            self._reference_sha[model] = bl.checkpoint_sha256(self.model(model).path)
+        return self._reference_sha[model]
 
     # -- baselines ----------------------------------------------------------------------
     def baseline_path(self, model: str, corpus: str) -> Path:
@@ -124,7 +132,7 @@ class Evaluator:
                 f"the baseline's ({baseline.protocol.fingerprint}, {baseline.path}); current != baseline:\n  {diff}\n"
                 f"Restore the protocol, or re-baseline on purpose: {self.baseline_command(model, corpus)} --force")
         recorded = baseline.provenance.get("reference_sha256")
-        current = bl.checkpoint_sha256(self.model(model).path)
+        current = self.reference_sha256(model)
         if recorded != current:
             raise ProtocolMismatch(
                 f"refusing to compare {model}/{corpus}: the reference checkpoint {self.model(model).path} changed since "

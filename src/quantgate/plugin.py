@@ -172,8 +172,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         return report
     state = _state(item.config)
     if report.skipped and not hasattr(report, "wasxfail"):
-        if call.when == "setup" or report.when == "call":
-            state.skipped.append(item.nodeid)
+        state.skipped.append(item.nodeid)
     elif report.failed:
         exc = call.excinfo.value if call.excinfo else None
         drift = item.get_closest_marker("quality_protocol") is not None

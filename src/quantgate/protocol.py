@@ -26,7 +26,7 @@ class Protocol:
     corpus_source: str  # builder or hub id, config, split, revision, files (see corpus.describe_source)
     text_sha256: str
     documents: int
-    joiner: str
+    joiner: str  # escaped ("\\n\\n"), so that snapshot diffs stay on one line
     tokenizer_sha256: str
     tokens_sha256: str  # of the token stream actually scored (after the token cap)
     add_bos: bool
