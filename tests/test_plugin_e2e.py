@@ -112,7 +112,8 @@ def test_protocol_drift_fails_snapshot_and_refuses_comparison(pytester, tiny_zoo
     assert result.ret == 1
     out = result.stdout.str()
     assert "test_protocol_snapshot" in out and "'stride': 16" in out  # syrupy's readable diff
-    assert "refusing to compare tiny/code" in out and "stride: 16 != 32" in out
+    assert "refusing to compare tiny/code: the protocol differs from the baseline's in stride" in out
+    assert "stride: 16 != 32" in out
     assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
     manifest.write_text(original)
     assert run(pytester).ret == 0

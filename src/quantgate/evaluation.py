@@ -126,11 +126,16 @@ class Evaluator:
                                     create_hint=self.baseline_command(model, corpus))
         ours = self.protocol(model, corpus)
         if not ours.matches(baseline.protocol):
-            diff = "\n  ".join(ours.differences(baseline.protocol))
-            raise ProtocolMismatch(
-                f"refusing to compare {model}/{corpus}: the manifest's protocol ({ours.fingerprint}) differs from "
-                f"the baseline's ({baseline.protocol.fingerprint}, {baseline.path}); current != baseline:\n  {diff}\n"
-                f"Restore the protocol, or re-baseline on purpose: {self.baseline_command(model, corpus)} --force")
+            diffs = ours.differences(baseline.protocol)
+            fields = ", ".join(d.split(":", 1)[0] for d in diffs)
+            raise ProtocolMismatch("\n".join([
+                f"refusing to compare {model}/{corpus}: the protocol differs from the baseline's in {fields}",
+                f"  manifest protocol : {ours.fingerprint}",
+                f"  baseline protocol : {baseline.protocol.fingerprint} ({baseline.path})",
+                "  current != baseline:",
+                *(f"    {d}" for d in diffs),
+                f"  Restore the protocol, or re-baseline on purpose: {self.baseline_command(model, corpus)} --force",
+            ]))
         recorded = baseline.provenance.get("reference_sha256")
         current = self.reference_sha256(model)
         if recorded != current:

@@ -175,6 +175,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         state.skipped.append(item.nodeid)
     elif report.failed:
         exc = call.excinfo.value if call.excinfo else None
+        if isinstance(exc, QuantgateError):
+            report.longrepr = f"{type(exc).__name__}: {exc}"  # the message says it all; no traceback
         drift = item.get_closest_marker("quality_protocol") is not None
         if isinstance(exc, CannotTest) or drift:
             state.untestable.append(item.nodeid)
