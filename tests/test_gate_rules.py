@@ -111,3 +111,14 @@ def test_report_round_trips_and_fills_a_marked_readme_section(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     assert "| demo/q4 | gptq | 4 | code | 11.000 | 10.000 | 1.1000 | 1.2 | pass (marginal) |" in text
+
+
+def test_acceptability_view_puts_measured_ratios_beside_each_row(table):
+    from quantgate.report import Record, RunReport
+
+    report = RunReport(profile="full", device="cpu", records=[
+        Record(model="demo", variant="gptq-w4g128", corpus="code", metric="relative_perplexity", format="gptq", bits=4,
+               verdict="pass", ratio=1.0009)])
+    text = report.acceptability_markdown(table)
+    assert "| GPTQ 4-bit | 1.05-1.10 | Usually | 1.1 | gptq-w4g128 / code: 1.0009 | pass |" in text
+    assert "| GGUF Q2_K | 1.15-1.30+ | Problematic | none | not in this run | - |" in text

@@ -57,6 +57,7 @@ def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template
         assert r["format"] == "fp16" and r["bits"] == 16 and r["backend"] == "transformers"
         assert r["value"] > 0 and r["baseline"] > 0 and r["ratio"] == pytest.approx(r["value"] / r["baseline"])
         assert r["bound"] == 1.05 and len(r["protocol_fingerprint"]) == 16
+        assert 15.9 < r["bits_per_weight"] < 16.5  # an FP16 copy: size on disk x 8 / reference parameters
     assert "quantgate summary" in step_summary.read_text()
     assert (pytester.path / "reports" / "quality-summary.md").read_text().count("tiny/close") == 2
 
@@ -246,3 +247,21 @@ def test_each_variant_is_loaded_once_and_freed_after_its_group(pytester, tiny_zo
     assert result.ret == 1  # 'worse' fails its bound, as intended
     events = next(line for line in result.stdout.lines if "EVENTS" in line)
     assert events.endswith("EVENTS ['load variant tiny/close', 'free', 'load variant tiny/worse', 'free']"), events
+
+
+def test_a_format_that_needs_cuda_is_skipped_with_its_reason(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template)
+    pytester.makeconftest("""
+        import quantgate.evaluation as ev
+        from quantgate.errors import DeviceUnavailable
+        _load = ev.load_checkpoint
+        def load(*args, **kwargs):
+            raise DeviceUnavailable("variant tiny/close: this format needs CUDA; none here")
+        ev.load_checkpoint = load
+    """)
+    result = run(pytester, "-rs", "-k", "perplexity")
+    assert result.ret == 0
+    result.assert_outcomes(skipped=2)
+    assert "this format needs CUDA; none here" in result.stdout.str()
+    assert run(pytester, "-k", "perplexity", "--quality-strict").ret == 1
+    assert run(pytester, "-k", "perplexity", "--quality-bisect").ret == BISECT_SKIP

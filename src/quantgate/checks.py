@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .errors import CannotTest, QuantgateError
+from .errors import CannotTest, DeviceUnavailable, QuantgateError
 from .evaluation import Evaluator
 from .gate import FAIL, REVERSAL, XFAIL, judge
 from .protocol import environment_changes
@@ -34,7 +34,9 @@ class Gate:
         ref = ev.model(case.model)
         variant = ev.variant(case.model, case.variant)
         record = Record(model=case.model, variant=case.variant, corpus=case.corpus, metric="relative_perplexity",
-                        format=variant.format, bits=variant.bits, group_size=variant.group_size, verdict="error")
+                        format=variant.format, bits=variant.bits, group_size=variant.group_size, desc_act=variant.desc_act,
+                        scheme=variant.scheme, outlier_handling=variant.outlier_handling, calibration=variant.calibration,
+                        verdict="error")
         self.report.records.append(record)
         try:
             bound = choose_bound(self.table, variant.format, variant.bits,
@@ -46,6 +48,9 @@ class Gate:
             if changes:
                 self.report.environment_changes[str(baseline.path)] = changes
             m = ev.measure(case.model, case.variant, case.corpus)
+        except DeviceUnavailable as exc:  # e.g. a CUDA-only format on a CPU machine
+            record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
+            pytest.skip(str(exc))
         except CannotTest as exc:
             record.verdict, record.detail = "cannot test", str(exc).splitlines()[0]
             raise
@@ -64,6 +69,9 @@ class Gate:
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
         record.backend, record.kernels = m.description.get("backend"), m.description.get("kernels", [])
         record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
+        parameters = ev.reference_parameters(case.model)
+        if record.size_bytes and parameters:
+            record.bits_per_weight = round(record.size_bytes * 8 / parameters, 3)
         record.eval_seconds = round(m.seconds, 3)
         if j.outcome in (FAIL, REVERSAL):
             record.detail = j.message.splitlines()[0]

@@ -134,7 +134,12 @@ def cmd_report(args) -> int:
     from .report import RunReport, replace_marked_section
 
     report = RunReport.from_json(Path(args.json).read_text())
-    table = report.markdown()
+    if args.marker == "acceptability":
+        from .thresholds import load_table
+
+        table = report.acceptability_markdown(load_table())
+    else:
+        table = report.markdown()
     if args.command_line:
         table += f"\nMeasured with `{args.command_line}`; regenerate with `quantgate report {args.json} --readme README.md`.\n"
     if args.readme:
@@ -174,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="render the Markdown summary of a --quality-json file")
     rp.add_argument("json", help="a file written by pytest --quality-json")
     rp.add_argument("--readme", default=None, help="write it into this file between <!-- MARKER:start/end -->")
-    rp.add_argument("--marker", default="demo-summary")
+    rp.add_argument("--marker", default="demo-summary",
+                    help="demo-summary (the run's summary) or acceptability (the table's rows beside measured ratios)")
     rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
     rp.set_defaults(func=cmd_report)
     return parser

@@ -127,17 +127,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def tokenize(corpus: Corpus, tokenizer, *, add_bos: bool, token_cap: int | None) -> TokenizedCorpus:
-    """Tokenize the joined text once, and map document starts to token positions."""
+def encode_long(tokenizer, text: str, **kwargs):
+    """Tokenize a whole corpus: it is meant to be longer than model_max_length, so no warning."""
     from transformers.utils import logging as hf_logging
 
-    text = corpus.text
     previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a corpus is meant to be longer than model_max_length
+    hf_logging.set_verbosity_error()
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return tokenizer(text, add_special_tokens=False, **kwargs)
     finally:
         hf_logging.set_verbosity(previous)
+
+
+def tokenize(corpus: Corpus, tokenizer, *, add_bos: bool, token_cap: int | None) -> TokenizedCorpus:
+    """Tokenize the joined text once, and map document starts to token positions."""
+    text = corpus.text
+    enc = encode_long(tokenizer, text, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     token_starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
     doc_chars, pos = [], 0

@@ -6,6 +6,7 @@ through exactly the same code.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class Evaluator:
     _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
     _resident: tuple[tuple[str, str | None], LoadedCheckpoint] | None = None
     _reference_sha: dict[str, str] = field(default_factory=dict)
+    _reference_params: dict[str, int | None] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -111,6 +113,21 @@ class Evaluator:
         if model not in self._reference_sha:
             self._reference_sha[model] = bl.checkpoint_sha256(self.model(model).path)
         return self._reference_sha[model]
+
+    def reference_parameters(self, model: str) -> int | None:
+        """Parameter count of the FP16 reference, from its safetensors headers (no weights read)."""
+        if model not in self._reference_params:
+            files = sorted(Path(self.model(model).path).glob("*.safetensors"))
+            total = None
+            if files:
+                from safetensors import safe_open
+
+                total = 0
+                for f in files:
+                    with safe_open(str(f), framework="numpy") as fh:
+                        total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+            self._reference_params[model] = total
+        return self._reference_params[model]
 
     # -- baselines ----------------------------------------------------------------------
     def baseline_path(self, model: str, corpus: str) -> Path:
@@ -175,8 +192,6 @@ class Evaluator:
             self._resident = None
 
     def measure(self, model: str, variant: str | None, corpus: str) -> Measurement:
-        from .backends.hf import TransformersBackend
-
         settings = self.settings(model)
         protocol = self.protocol(model, corpus)
         reference_tokens = self.tokenized(model, corpus, settings)
@@ -189,7 +204,7 @@ class Evaluator:
                     f"{model}/{variant}: its tokenizer ({loaded.description['tokenizer_from']}) turns corpus "
                     f"{corpus!r} into different token ids than the reference's ({len(own.ids)} vs "
                     f"{len(reference_tokens.ids)} tokens): perplexities would not be comparable")
-        backend = TransformersBackend(loaded.model, self.device)
+        backend = loaded.backend
         started = time.perf_counter()
         scores = backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
                                                stride=settings.stride, batch_size=settings.batch_size)

@@ -30,7 +30,12 @@ class Record:
     backend: str | None = None
     kernels: list[str] = field(default_factory=list)
     group_size: int | None = None
+    desc_act: bool | None = None
+    scheme: str | None = None
+    outlier_handling: str | None = None
+    calibration: str | None = None
     size_bytes: int | None = None
+    bits_per_weight: float | None = None  # size on disk x 8 / parameters of the FP16 reference
     load_seconds: float | None = None
     eval_seconds: float | None = None
     detail: str | None = None
@@ -54,7 +59,8 @@ class RunReport:
         }, indent=2) + "\n"
 
     def markdown(self) -> str:
-        head = ["variant", "format", "bits", "corpus", "PPL", "FP16 PPL", "relative PPL", "bound", "verdict"]
+        head = ["variant", "format", "bits", "corpus", "PPL", "FP16 PPL", "relative PPL", "bound", "verdict",
+                "size MB", "bits/weight"]
         lines = [f"## quantgate summary (profile `{self.profile}`, device `{self.device}`)", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -69,11 +75,29 @@ class RunReport:
                 f"{r.model}/{r.variant}", r.format, "-" if r.bits is None else str(r.bits), r.corpus,
                 num(r.value, ".3f"), num(r.baseline, ".3f"), num(r.ratio, ".4f"),
                 "none" if r.bound is None else f"{r.bound:.4g}", verdict.replace("\n", " ").replace("|", "/"),
+                num(None if r.size_bytes is None else r.size_bytes / 1e6, ".1f"), num(r.bits_per_weight, ".2f"),
             ]) + " |")
+        methods = {(r.model, r.variant): r for r in self.records if r.scheme or r.calibration or r.outlier_handling}
+        if methods:
+            lines += ["", "| variant | scheme | group size | desc_act | outlier handling | calibration |", "|---|---|---|---|---|---|"]
+            for (model, variant), r in methods.items():
+                lines.append(f"| {model}/{variant} | {r.scheme or '-'} | {r.group_size or '-'} | "
+                             f"{'-' if r.desc_act is None else r.desc_act} | {r.outlier_handling or '-'} | {r.calibration or '-'} |")
         if self.environment_changes:
             lines += ["", "Environment differs from the baselines' (reported, not gated):"]
             for where, changes in self.environment_changes.items():
                 lines.append(f"- `{where}`: " + "; ".join(changes))
+        return "\n".join(lines) + "\n"
+
+    def acceptability_markdown(self, rows) -> str:
+        """The acceptability table with the measured ratios of this run beside each row's expected range."""
+        lines = ["| row | expected (seed) | acceptable | bound | measured relative PPL | verdicts |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            hits = [r for r in self.records if r.metric == "relative_perplexity" and (r.format, r.bits) == (row.format, row.bits)]
+            measured = "<br>".join(f"{r.variant} / {r.corpus}: {r.ratio:.4f}" for r in hits if r.ratio is not None) or "not in this run"
+            verdicts = ", ".join(sorted({r.verdict for r in hits})) or "-"
+            bound = "none" if row.high is None else f"{row.high:g}"
+            lines.append(f"| {row.label} | {row.expected} | {row.acceptable} | {bound} | {measured} | {verdicts} |")
         return "\n".join(lines) + "\n"
 
     @classmethod

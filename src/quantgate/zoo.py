@@ -34,11 +34,12 @@ def _calibration_corpus(manifest: Manifest, recipe: dict):
 def _calibration_chunks(manifest: Manifest, ref: ReferenceModel, recipe: dict) -> list[list[int]]:
     """Token-id chunks of the calibration corpus, cut with the reference tokenizer."""
     from .checkpoints.loading import load_tokenizer
+    from .corpus import encode_long
 
     name = recipe.get("calibration")
     corpus = _calibration_corpus(manifest, recipe)
     tokenizer = load_tokenizer(ref.path)
-    ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"]
+    ids = encode_long(tokenizer, corpus.text)["input_ids"]
     samples, seq_len = int(recipe.get("samples", 128)), int(recipe.get("seq_len", 256))
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
     if len(chunks) < samples:
@@ -84,6 +85,16 @@ def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, 
     out = manifest.zoo_dir / ref.name / f"{variant.name}-{recipe_hash(identity)[:12]}"
     if (out / RECIPE_FILE).is_file() and not force:
         return out, None
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # two runs (a gate and `zoo build`) must not build the same entry
+        if (out / RECIPE_FILE).is_file() and not force:
+            return out, None
+        return out, _build(manifest, ref, variant, out, identity)
+
+
+def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path, identity: dict) -> dict:
     if out.exists():  # an interrupted or forced build: start clean
         import shutil
 
@@ -102,7 +113,7 @@ def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, 
                                       seed=int(variant.recipe.get("seed", 0)))
     record.update(identity=identity)
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return out, record
+    return record
 
 
 def variant_path(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path:

@@ -25,6 +25,7 @@ class LoadedCheckpoint:
     model: Any
     tokenizer: Any
     description: dict[str, Any] = field(default_factory=dict)
+    backend: Any = None  # the ScoringBackend that scores with this model
 
 
 def checkpoint_size_bytes(path: Path) -> int:
@@ -138,7 +139,10 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
         "size_bytes": checkpoint_size_bytes(path),
         "tokenizer_from": str(tok_dir),
     }
-    return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description)
+    from ..backends.hf import TransformersBackend
+
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
+                            backend=TransformersBackend(model, device))
 
 
 def release(loaded: LoadedCheckpoint | None) -> None:
@@ -148,7 +152,10 @@ def release(loaded: LoadedCheckpoint | None) -> None:
     import gc
 
     device = loaded.description.get("device", "cpu")
-    loaded.model = None
+    close = getattr(loaded.model, "close", None)  # llama.cpp models hold native memory
+    if callable(close):
+        close()
+    loaded.model = loaded.backend = None
     gc.collect()
     if str(device).startswith("cuda"):
         import torch
