@@ -8,6 +8,7 @@ and every parameter is checked for NaN/Inf before a single token is scored.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,12 +62,58 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def audit_loading_info(info: dict[str, Any], what: str) -> None:
+def legacy_gptq_config(path: Path):
+    """A config that lets transformers read an AutoGPTQ checkpoint as AutoGPTQ wrote it, or None.
+
+    AutoGPTQ names its weights `gptq_model-4bit-128g.safetensors`, and before 0.7 kept its
+    settings only in quantize_config.json. Its zero points are GPTQ v1: say so explicitly,
+    since reading them as v2 gives garbage (perplexity x32 on the demo model).
+    """
+    standard = any((path / n).exists() for n in ("model.safetensors", "model.safetensors.index.json"))
+    weights = sorted(path.glob("*.safetensors"))
+    config_json = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    quantize_config = path / "quantize_config.json"
+    needs_file = not standard and len(weights) == 1
+    needs_settings = "quantization_config" not in config_json and quantize_config.exists()
+    if not (needs_file or needs_settings):
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if needs_file:
+        config.transformers_weights = weights[0].name  # read by transformers; must sit inside the dir
+    if needs_settings:
+        settings = json.loads(quantize_config.read_text())
+        config.quantization_config = {**settings, "quant_method": "gptq",
+                                      "checkpoint_format": settings.get("checkpoint_format", "gptq")}
+    return config
+
+
+def zero_biases_of_quantized_layers(path: Path, keys: list[str]) -> list[str]:
+    """Those of `keys` that are all-zero `.bias` tensors of quantized layers (AutoGPTQ writes them
+    even for bias-free architectures). Dropping them changes nothing; anything else stays an error."""
+    candidates = [k for k in keys if k.endswith(".bias")]
+    if not candidates or not path.is_dir():
+        return []
+    from safetensors import safe_open
+
+    harmless = []
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            names = set(fh.keys())
+            for k in candidates:
+                if k in names and k[: -len("bias")] + "qweight" in names and not bool(fh.get_tensor(k).any()):
+                    harmless.append(k)
+    return harmless
+
+
+def audit_loading_info(info: dict[str, Any], what: str, tolerated: list[str] = ()) -> None:
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing weights: {', '.join(sorted(info['missing_keys']))}")
-    if info.get("unexpected_keys"):
-        problems.append(f"unexpected weights: {', '.join(sorted(info['unexpected_keys']))}")
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) - set(tolerated))
+    if unexpected:
+        problems.append(f"unexpected weights: {', '.join(unexpected)}")
     if info.get("mismatched_keys"):
         shown = ", ".join(str(m) for m in info["mismatched_keys"])
         problems.append(f"weights with wrong shapes: {shown}")
@@ -111,6 +158,9 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
     kwargs = dict(dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
+    legacy = legacy_gptq_config(path) if fmt == "gptq" and path.is_dir() else None
+    if legacy is not None:
+        kwargs["config"] = legacy
     try:
         try:
             model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -123,7 +173,8 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
         raise LoadAuditError(f"{what}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(previous)
-    audit_loading_info(info, what)
+    tolerated = zero_biases_of_quantized_layers(path, list(info.get("unexpected_keys") or ()))
+    audit_loading_info(info, what, tolerated)
     audit_finite(model, what)
     model.eval()
     tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
@@ -139,6 +190,10 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
         "size_bytes": checkpoint_size_bytes(path),
         "tokenizer_from": str(tok_dir),
     }
+    if legacy is not None:
+        description["legacy_layout"] = "AutoGPTQ (weights file and/or quantize_config.json), GPTQ v1 zero points"
+    if tolerated:
+        description["ignored_zero_biases"] = len(tolerated)
     from ..backends.hf import TransformersBackend
 
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
