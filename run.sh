@@ -18,7 +18,7 @@ setup() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "run.sh: installing quantgate and its evaluation stack into .venv (first run: a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,demo,test]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,gguf,demo,test]"
     echo "$want" > "$stamp"
   fi
 }

@@ -1,0 +1,143 @@
+"""Scoring a GGUF file with llama.cpp's own kernels (through llama-cpp-python's C API bindings).
+
+This is the number a llama.cpp user gets; transformers' ``gguf_file=`` loader dequantizes to
+float and runs torch, which measures the weights but not llama.cpp's quantized matmuls.
+
+Each window is decoded on a cleared KV cache in one ``llama_decode`` call, asking for logits
+only at the positions that predict scored targets. The high-level ``llama_cpp.Llama`` is not
+used: it cannot switch off llama.cpp's extra (weight-repacking) buffer types at load. Those pick
+CPU-specific kernels (AMX, AVX512/aarch64 repacks) that move Q4_K scores by ~1e-5 between
+machines, and the AMX one has been seen to crash; the plain kernels give one answer everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..perplexity import Window
+from .base import ScoringBackend
+
+
+def _import_llama_cpp():
+    import llama_cpp
+
+    # llama-cpp-python routes llama.cpp's log through this logger, and prints everything by default.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp
+
+
+class LlamaCppBackend(ScoringBackend):
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: Path, *, n_threads: int | None = None, n_ctx: int = 0):
+        lc = _import_llama_cpp()
+        self._lc = lc
+        self.path = Path(gguf_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)))
+        lc.llama_backend_init()
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_extra_bufts = False  # no CPU weight repacking (AMX / aarch64 paths)
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {self.path}")
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
+        self._ctx = None
+        self._n_ctx = 0
+        if n_ctx:
+            self._context(n_ctx)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": "cpu", "n_threads": self.n_threads,
+                "llama_cpp_python": getattr(self._lc, "__version__", "?")}
+
+    def _context(self, n_tokens: int):
+        """A context whose cache and batch hold a whole window; rebuilt only when a longer one comes."""
+        lc = self._lc
+        if self._ctx is not None and n_tokens <= self._n_ctx:
+            return self._ctx
+        self._free_context()
+        # llama.cpp pads the KV cache to 256 anyway; batch limits must match it or a longer window
+        # that fits the cache would overflow the batch.
+        size = -(-n_tokens // 256) * 256
+        params = lc.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = size
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a {size}-token context for {self.path}")
+        self._n_ctx = size
+        self._batch = lc.llama_batch_init(size, 0, 1)
+        return self._ctx
+
+    def _window_logits(self, tokens: np.ndarray, first_output: int) -> np.ndarray:
+        """float32 logits (len(tokens) - first_output - 1, n_vocab): rows predict tokens[first_output + 1:]."""
+        lc = self._lc
+        ctx = self._context(len(tokens))
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)  # fresh KV state per window
+        batch = self._batch
+        n = len(tokens)
+        for i, token in enumerate(tokens.tolist()):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = first_output <= i < n - 1
+        batch.n_tokens = n
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on a {n}-token window")
+        n_out = n - 1 - first_output
+        # Outputs come back in the order of the flagged tokens; copy before the next decode reuses the buffer.
+        return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, self.n_vocab)).copy()
+
+    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int, top_k: int = 0):
+        # batch_size is ignored: one window per decode already fills the threads on CPU.
+        ids = np.asarray(ids, dtype=np.int64)
+        out, top_ids, top_lp = [], [], []
+        for w in windows:
+            logits = self._window_logits(ids[w.begin:w.end], w.score_from - 1 - w.begin).astype(np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            dist = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            targets = ids[w.score_from:w.end]
+            out.append(dist[np.arange(len(targets)), targets])
+            if top_k:
+                part = np.argpartition(-dist, top_k - 1, axis=1)[:, :top_k]
+                order = np.argsort(-np.take_along_axis(dist, part, axis=1), axis=1, kind="stable")
+                best = np.take_along_axis(part, order, axis=1)
+                top_ids.append(best.astype(np.int64))
+                top_lp.append(np.take_along_axis(dist, best, axis=1).astype(np.float32))
+        logprobs = np.concatenate(out) if out else np.zeros(0)
+        if not top_k:
+            return logprobs, None, None
+        if not top_ids:
+            return logprobs, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+        return logprobs, np.concatenate(top_ids), np.concatenate(top_lp)
+
+    def _free_context(self):
+        if self._ctx is not None:
+            self._lc.llama_batch_free(self._batch)
+            self._lc.llama_free(self._ctx)
+            self._ctx = None
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (they live outside Python's heap)."""
+        if getattr(self, "_model", None):
+            self._free_context()
+            self._lc.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
