@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -44,9 +45,10 @@ class Gate:
             record.bound, record.bound_source = bound.value, bound.source
             record.table_row = bound.row.describe() if bound.row else None
             baseline = ev.comparable_baseline(case.model, case.corpus)
+            baseline_file = os.path.relpath(baseline.path, ev.manifest.root)
             changes = environment_changes(baseline.environment, ev.environment())
             if changes:
-                self.report.environment_changes[str(baseline.path)] = changes
+                self.report.environment_changes[baseline_file] = changes
             m = ev.measure(case.model, case.variant, case.corpus)
         except DeviceUnavailable as exc:  # e.g. a CUDA-only format on a CPU machine
             record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
@@ -64,7 +66,7 @@ class Gate:
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
-                  baseline_source=str(baseline.path), protocol_line=protocol_line)
+                  baseline_source=baseline_file, protocol_line=protocol_line)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
         record.backend, record.kernels = m.description.get("backend"), m.description.get("kernels", [])
