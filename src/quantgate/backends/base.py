@@ -16,6 +16,16 @@ from ..errors import NonFiniteScores
 from ..perplexity import TokenScores, Window, plan_windows, scored_positions
 
 
+def collect_scores(logprobs: list, top_ids: list, top_logprobs: list, top_k: int):
+    """Join per-window pieces into what `score_windows` returns."""
+    joined = np.concatenate(logprobs) if logprobs else np.zeros(0)
+    if not top_k:
+        return joined, None, None
+    if not top_ids:
+        return joined, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
+    return joined, np.concatenate(top_ids), np.concatenate(top_logprobs)
+
+
 class ScoringBackend(abc.ABC):
     name: str = "abstract"
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from ..perplexity import Window
-from .base import ScoringBackend
+from .base import ScoringBackend, collect_scores
 
 IGNORE = -100  # label of context tokens, as in the HF perplexity recipe
 
@@ -54,9 +54,4 @@ class TransformersBackend(ScoringBackend):
                     values, indices = dist.topk(top_k, dim=-1)
                     top_ids.append(indices.cpu().numpy().astype(np.int64))
                     top_lp.append(values.cpu().numpy())
-        logprobs = np.concatenate(out) if out else np.zeros(0)
-        if not top_k:
-            return logprobs, None, None
-        if not top_ids:
-            return logprobs, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
-        return logprobs, np.concatenate(top_ids), np.concatenate(top_lp)
+        return collect_scores(out, top_ids, top_lp, top_k)

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ..perplexity import Window
-from .base import ScoringBackend
+from .base import ScoringBackend, collect_scores
 
 
 def _import_llama_cpp():
@@ -116,12 +116,7 @@ class LlamaCppBackend(ScoringBackend):
                 best = np.take_along_axis(part, order, axis=1)
                 top_ids.append(best.astype(np.int64))
                 top_lp.append(np.take_along_axis(dist, best, axis=1).astype(np.float32))
-        logprobs = np.concatenate(out) if out else np.zeros(0)
-        if not top_k:
-            return logprobs, None, None
-        if not top_ids:
-            return logprobs, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
-        return logprobs, np.concatenate(top_ids), np.concatenate(top_lp)
+        return collect_scores(out, top_ids, top_lp, top_k)
 
     def _free_context(self):
         if self._ctx is not None:
