@@ -11,6 +11,16 @@ from quantgate.errors import CheckpointMissing, LoadAuditError
 from quantgate.manifest import CorpusSpec, load_manifest
 
 
+def edit_weights(root, edit):
+    """Load the 'close' variant's tensors, let `edit` change the dict in place, write it back."""
+    from safetensors.torch import load_file, save_file
+
+    weights = root / "models" / "close" / "model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def load(path, **kw):
     return load_checkpoint(path, fmt="fp16", dtype="float32", device="cpu", what="variant t/v", **kw)
 
@@ -32,40 +42,32 @@ def test_missing_checkpoint_is_cannot_test(tiny_project):
 
 
 def test_removed_tensor_is_named(tiny_project):
-    from safetensors.torch import load_file, save_file
-
-    weights = tiny_project / "models" / "close" / "model.safetensors"
-    tensors = load_file(weights)
-    del tensors["model.layers.0.self_attn.q_proj.weight"]
-    save_file(tensors, weights, metadata={"format": "pt"})
+    edit_weights(tiny_project, lambda t: t.pop("model.layers.0.self_attn.q_proj.weight"))
     with pytest.raises(LoadAuditError, match="missing weights: model.layers.0.self_attn.q_proj.weight"):
         load(tiny_project / "models" / "close")
 
 
 def test_unexpected_and_misshapen_tensors_are_named(tiny_project):
     import torch
-    from safetensors.torch import load_file, save_file
 
-    weights = tiny_project / "models" / "close" / "model.safetensors"
-    tensors = load_file(weights)
-    tensors["model.layers.0.extra.weight"] = torch.zeros(2, 2, dtype=torch.float16)
-    save_file(tensors, weights, metadata={"format": "pt"})
+    edit_weights(tiny_project, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2, 2, dtype=torch.float16)}))
     with pytest.raises(LoadAuditError, match="unexpected weights: model.layers.0.extra.weight"):
         load(tiny_project / "models" / "close")
-    del tensors["model.layers.0.extra.weight"]
-    tensors["model.norm.weight"] = torch.ones(7, dtype=torch.float16)
-    save_file(tensors, weights, metadata={"format": "pt"})
+
+    def misshapen(t):
+        del t["model.layers.0.extra.weight"]
+        t["model.norm.weight"] = torch.ones(7, dtype=torch.float16)
+
+    edit_weights(tiny_project, misshapen)
     with pytest.raises(LoadAuditError, match="model.norm.weight"):
         load(tiny_project / "models" / "close")
 
 
 def test_nan_weights_are_named(tiny_project):
-    from safetensors.torch import load_file, save_file
+    def poison(t):
+        t["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
 
-    weights = tiny_project / "models" / "close" / "model.safetensors"
-    tensors = load_file(weights)
-    tensors["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
-    save_file(tensors, weights, metadata={"format": "pt"})
+    edit_weights(tiny_project, poison)
     with pytest.raises(LoadAuditError, match="NaN/Inf weights in: model.layers.1.mlp.up_proj.weight"):
         load(tiny_project / "models" / "close")
 
