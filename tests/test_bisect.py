@@ -35,6 +35,9 @@ def commit(repo, message, *, candidate=None):
             shutil.copytree(repo / "models" / candidate, target)
     with open(repo / "CHANGELOG", "a") as fh:
         fh.write(message + "\n")
+    # Forget the index's stat cache: copytree keeps mtimes, so a same-size file swapped in within the
+    # same second can look unchanged to `git add` (racy git) and the planted commit would not plant anything.
+    git(repo, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "models/candidate")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", message)
     return git(repo, "rev-parse", "HEAD")
@@ -61,6 +64,9 @@ def test_git_bisect_finds_the_planted_bad_commit(tiny_zoo_template, tmp_path):
     history["bad"] = commit(repo, "planted: swap in a damaged checkpoint", candidate="worse")
     history["bad+1"] = commit(repo, "after 1")
     history["bad+2"] = commit(repo, "after 2")
+
+    weights = {k: git(repo, "ls-tree", "-r", history[k], "models/candidate") for k in ("restored", "bad")}
+    assert weights["restored"] != weights["bad"], "the planted commit must change the checkpoint"
 
     git(repo, "bisect", "start", history["bad+2"], history["good0"])
     run = subprocess.run(
