@@ -18,7 +18,11 @@ setup() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "run.sh: installing quantgate and its evaluation stack into .venv (first run: a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,gguf,demo,test]"
+    # llama-cpp-python compiles llama.cpp here (no Linux wheels on PyPI). Only the library is
+    # built (no multimodal part, tools, tests or server): 4.9 min on 2 cores instead of 18.7.
+    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
+      CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,llamacpp,demo,test]"
     echo "$want" > "$stamp"
   fi
 }

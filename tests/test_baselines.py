@@ -90,3 +90,27 @@ def test_failed_write_leaves_the_old_baseline_intact(tmp_path, baseline, monkeyp
         bl.write_baseline(replace(baseline, perplexity=1.0), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["code.full.json", "code.full.npz"]
+
+
+def test_schema_1_baselines_are_read_as_transformers_ones(tmp_path, baseline):
+    """Schema 1 predates the protocol's backend field; every schema-1 baseline was scored by transformers."""
+    from quantgate.protocol import fingerprint_of
+
+    path = bl.baseline_path(tmp_path, "m", "code", "full")
+    bl.write_baseline(baseline, path)
+
+    def as_schema_1(d):
+        del d["protocol"]["backend"]
+        d.update(schema=1, protocol_fingerprint=fingerprint_of(d["protocol"]))
+
+    _corrupt(path, as_schema_1)
+    back = bl.read_baseline(path)
+    assert back.protocol.backend == "transformers" and back.protocol.matches(baseline.protocol)
+    _corrupt(path, lambda d: d.update(schema=2))  # a schema-2 file must carry the field
+    with pytest.raises(BaselineFormatError, match=r"malformed protocol: .*backend"):
+        bl.read_baseline(path)
+
+
+def test_each_backend_has_its_own_baseline_file(tmp_path):
+    assert bl.baseline_path(tmp_path, "m", "code", "full").name == "code.full.json"
+    assert bl.baseline_path(tmp_path, "m", "code", "full", "llama.cpp").name == "code.full.llamacpp.json"

@@ -80,7 +80,13 @@ def test_corrupt_weight_file_is_an_audit_error(tiny_project):
 
 
 def test_unsupported_format_is_named(tiny_project):
-    with pytest.raises(LoadAuditError, match="no loader for format 'gguf'"):
+    with pytest.raises(LoadAuditError, match="no loader for format 'compressed-tensors'"):
+        load_checkpoint(tiny_project / "models" / "close", fmt="compressed-tensors", dtype="float32", device="cpu",
+                        what="v")
+
+
+def test_gguf_variant_directory_without_a_gguf_file_is_named(tiny_project):
+    with pytest.raises(CheckpointMissing, match=r"must hold exactly one \.gguf file \(found: none\)"):
         load_checkpoint(tiny_project / "models" / "close", fmt="gguf", dtype="float32", device="cpu", what="v")
 
 

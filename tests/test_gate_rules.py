@@ -110,7 +110,7 @@ def test_report_round_trips_and_fills_a_marked_readme_section(tmp_path):
     assert cli.main(["report", str(tmp_path / "q.json"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert "| demo/q4 | gptq | 4 | code | 11.000 | 10.000 | 1.1000 | 1.2 | pass (marginal) |" in text
+    assert "| demo/q4 | gptq | 4 | - | code | 11.000 | 10.000 | 1.1000 | 1.2 | pass (marginal) |" in text
 
 
 def test_acceptability_view_puts_measured_ratios_beside_each_row(table):

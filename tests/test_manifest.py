@@ -76,6 +76,8 @@ def test_model_protocol_overrides_reach_its_profiles(tmp_path):
     (lambda t: t.replace('path = "q4"\n', ""), "models.m.variants[0]", "needs a path or a recipe"),
     (lambda t: t + "\n[models.m.thresholds]\n'gptq/4' = 'loose'\n", "models.m.thresholds.gptq/4", "must be int or float"),
     (lambda t: t.replace("[corpora.wiki]", "[corpora.wiki"), "syntax", ""),
+    (lambda t: t + 'backend = "llama.cpp"\n', "models.m.variants[0].backend", "llama.cpp scores GGUF files only"),
+    (lambda t: t + 'backend = "vllm"\n', "models.m.variants[0].backend", "must be one of transformers, llama.cpp"),
 ])
 def test_malformed_manifest_names_file_and_key(tmp_path, edit, key, problem):
     path = write(tmp_path, edit(MINIMAL))
@@ -89,3 +91,33 @@ def test_malformed_manifest_names_file_and_key(tmp_path, edit, key, problem):
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(tmp_path / "nope.toml")
+
+
+def test_gguf_variants_of_one_file_share_their_build_and_need_their_builder(tmp_path, monkeypatch):
+    """Two backends, one recipe: one cache entry; a missing builder is a skip that names the extra."""
+    from quantgate import zoo
+    from quantgate.errors import BackendUnavailable
+
+    pytest.importorskip("gguf")
+    m = load_manifest(REPO / "quantgate.toml")
+    demo = m.models["demo"]
+    assert demo.backends() == ("transformers", "llama.cpp")
+    pair = [v for v in demo.variants if v.format == "gguf" and v.recipe["type"] == "Q4_K_M"]
+    assert sorted(v.backend for v in pair) == ["llama.cpp", "transformers"]
+    monkeypatch.setitem(zoo.BUILDERS, "llama.cpp", "llama-cpp-python")
+    if _installed("llama-cpp-python"):
+        dirs = {zoo.built_dir(m, demo, v) for v in pair}
+        assert len(dirs) == 1 and next(iter(dirs)).name.startswith("gguf-Q4_K_M-")
+    monkeypatch.setitem(zoo.BUILDERS, "llama.cpp", "no-such-package-quantgate")
+    with pytest.raises(BackendUnavailable, match=r"pip install 'quantgate\[llamacpp\]'"):
+        zoo.recipe_identity(m, demo, pair[0])
+
+
+def _installed(name):
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

@@ -48,8 +48,8 @@ def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template
     assert result.ret == 0
     result.assert_outcomes(passed=4)  # 2 corpora x 1 variant + 2 protocol snapshots
     out = result.stdout.str()
-    assert "| variant | format | bits | corpus | PPL | FP16 PPL | relative PPL | bound | verdict |" in out
-    assert "| tiny/close | fp16 | 16 | code |" in out
+    assert "| variant | format | bits | backend | corpus | PPL | FP16 PPL | relative PPL | bound | verdict |" in out
+    assert "| tiny/close | fp16 | 16 | transformers | code |" in out
     records = json.loads((tmp_path / "q.json").read_text())["records"]
     assert {(r["variant"], r["corpus"], r["verdict"]) for r in records} == {("close", "code", "pass"),
                                                                            ("close", "prose", "pass")}

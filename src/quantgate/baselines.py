@@ -1,6 +1,7 @@
 """Stored FP16 baselines: reviewable JSON plus a compact per-token array file.
 
-Layout: baselines/<model>/<corpus>.<profile>.json and .npz beside it. The JSON holds the
+Layout: baselines/<model>/<corpus>.<profile>.json and .npz beside it (<corpus>.<profile>.llamacpp.json
+for the llama.cpp backend's reference, the F16 GGUF scored by llama.cpp). The JSON holds the
 summary and its provenance (protocol, environment, git commit, date, reference checkpoint
 hash); the .npz holds the per-token log-probabilities and document starts that paired
 statistics need. Files are only written by `quantgate baseline`, atomically (temp file +
@@ -24,9 +25,12 @@ from typing import Any
 import numpy as np
 
 from .errors import BaselineFormatError, BaselineMissing
-from .protocol import Protocol
+from .protocol import Protocol, fingerprint_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each older schema lacks, and the value it implies: schema 1 predates the protocol's
+# backend field, and every schema-1 baseline was scored by transformers.
+SCHEMA_DEFAULTS = {1: {"backend": "transformers"}}
 KIND = "quantgate-baseline"
 
 
@@ -45,8 +49,9 @@ class Baseline:
     path: Path | None = None
 
 
-def baseline_path(baselines_dir: Path, model: str, corpus: str, profile: str) -> Path:
-    return Path(baselines_dir) / model / f"{corpus}.{profile}.json"
+def baseline_path(baselines_dir: Path, model: str, corpus: str, profile: str, backend: str = "transformers") -> Path:
+    suffix = "" if backend == "transformers" else "." + backend.replace(".", "")
+    return Path(baselines_dir) / model / f"{corpus}.{profile}{suffix}.json"
 
 
 def git_state(cwd: Path) -> dict[str, Any]:
@@ -157,11 +162,12 @@ def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Bas
             f"{path}: baseline schema {schema} was written by a newer quantgate (this one reads <= {SCHEMA_VERSION}); upgrade quantgate")
     if schema < 1:
         raise BaselineFormatError(f"{path}: unknown baseline schema {schema}")
+    stored = _field(doc, "protocol", path, dict)
     try:
-        protocol = Protocol.from_dict(_field(doc, "protocol", path, dict))
+        protocol = Protocol.from_dict(stored, defaults=SCHEMA_DEFAULTS.get(schema))
     except (KeyError, TypeError) as exc:
         raise BaselineFormatError(f"{path}: malformed protocol: {exc}") from None
-    if _field(doc, "protocol_fingerprint", path, str) != protocol.fingerprint:
+    if _field(doc, "protocol_fingerprint", path, str) != fingerprint_of(stored):
         raise BaselineFormatError(f"{path}: protocol_fingerprint does not match its protocol (edited by hand?)")
     arrays_path = path.parent / _field(doc, "arrays.file", path, str)
     if not arrays_path.is_file():

@@ -37,14 +37,15 @@ class Gate:
         record = Record(model=case.model, variant=case.variant, corpus=case.corpus, metric="relative_perplexity",
                         format=variant.format, bits=variant.bits, group_size=variant.group_size, desc_act=variant.desc_act,
                         scheme=variant.scheme, outlier_handling=variant.outlier_handling, calibration=variant.calibration,
-                        verdict="error")
+                        backend=variant.backend, verdict="error")
         self.report.records.append(record)
         try:
             bound = choose_bound(self.table, variant.format, variant.bits,
                                  variant_override=variant.max_ratio, model_overrides=ref.thresholds)
             record.bound, record.bound_source = bound.value, bound.source
             record.table_row = bound.row.describe() if bound.row else None
-            baseline = ev.comparable_baseline(case.model, case.corpus)
+            ev.require_backend(case.model, case.variant)
+            baseline = ev.comparable_baseline(case.model, case.corpus, variant.backend)
             baseline_file = os.path.relpath(baseline.path, ev.manifest.root)
             changes = environment_changes(baseline.environment, ev.environment())
             if changes:
@@ -61,7 +62,7 @@ class Gate:
             raise
         p = m.protocol
         protocol_line = (f"{p.fingerprint} (corpus {p.corpus} {p.text_sha256[:12]}, max_length {p.max_length}, "
-                         f"stride {p.stride}, token_cap {p.token_cap}, {p.dtype}, {p.device_class}, "
+                         f"stride {p.stride}, token_cap {p.token_cap}, {p.backend}, {p.dtype}, {p.device_class}, "
                          f"{p.scoring_rule})")
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
@@ -69,7 +70,7 @@ class Gate:
                   baseline_source=baseline_file, protocol_line=protocol_line)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
-        record.backend, record.kernels = m.description.get("backend"), m.description.get("kernels", [])
+        record.kernels = m.description.get("kernels", [])
         record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
         parameters = ev.reference_parameters(case.model)
         if record.size_bytes and parameters:

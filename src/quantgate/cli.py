@@ -56,45 +56,51 @@ def cmd_baseline(args) -> int:
     for model in _models(manifest, args):
         corpora = args.corpus or list(manifest.models[model].corpora)
         reference_sha = ev.reference_sha256(model)
-        for profile in profiles:
+        backends = args.backend or manifest.models[model].backends()
+        for backend, profile, corpus in ((b, p, c) for b in backends for p in profiles for c in corpora):
             ev.profile = profile
-            for corpus in corpora:
-                if corpus not in manifest.models[model].corpora:
-                    raise QuantgateError(f"model {model!r} is not evaluated on corpus {corpus!r}")
-                path = ev.baseline_path(model, corpus)
-                protocol = ev.protocol(model, corpus)
-                try:
-                    old = bl.read_baseline(path)
-                    same = old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
-                    if same and not args.force:
-                        print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
-                        continue
-                    if not same and not args.force:
-                        diff = "; ".join(protocol.differences(old.protocol)) or "reference checkpoint changed"
-                        print(f"{path}: REFUSED, the stored baseline was measured differently ({diff}); "
-                              f"pass --force to replace it", file=sys.stderr)
-                        refused += 1
-                        continue
-                except BaselineMissing:
-                    pass
-                except BaselineFormatError as exc:
-                    if not args.force:
-                        print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
-                        refused += 1
-                        continue
-                started = time.perf_counter()
-                m = ev.measure(model, REFERENCE, corpus)
-                baseline = bl.Baseline(
-                    model=model, corpus=corpus, profile=profile, protocol=protocol,
-                    perplexity=m.perplexity, mean_nll=m.scores.mean_nll, environment=ev.environment(),
-                    provenance={**bl.git_state(manifest.root), "created": bl.now_iso(), "command": command,
-                                "reference_path": os.path.relpath(manifest.models[model].path, manifest.root),
-                                "reference_sha256": reference_sha, "backend": m.description.get("backend"),
-                                "eval_seconds": round(m.seconds, 2)},
-                    logprobs=m.scores.logprobs, doc_starts=m.doc_starts)
-                bl.write_baseline(baseline, path)
-                print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
-                      f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
+            if corpus not in manifest.models[model].corpora:
+                raise QuantgateError(f"model {model!r} is not evaluated on corpus {corpus!r}")
+            path = ev.baseline_path(model, corpus, backend)
+            protocol = ev.protocol(model, corpus, backend=backend)
+            try:
+                old = bl.read_baseline(path)
+                same = old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
+                if same and not args.force:
+                    print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
+                    continue
+                if not same and not args.force:
+                    diff = "; ".join(protocol.differences(old.protocol)) or "reference checkpoint changed"
+                    print(f"{path}: REFUSED, the stored baseline was measured differently ({diff}); "
+                          f"pass --force to replace it", file=sys.stderr)
+                    refused += 1
+                    continue
+            except BaselineMissing:
+                pass
+            except BaselineFormatError as exc:
+                if not args.force:
+                    print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
+                    refused += 1
+                    continue
+            started = time.perf_counter()
+            m = ev.measure(model, REFERENCE, corpus, backend=backend)
+            scored = {}
+            if backend != "transformers":
+                from .zoo import reference_gguf
+
+                gguf = reference_gguf(manifest, manifest.models[model])
+                scored = {"scored_file": os.path.relpath(gguf, manifest.root), "scored_sha256": bl.file_sha256(gguf)}
+            baseline = bl.Baseline(
+                model=model, corpus=corpus, profile=profile, protocol=protocol,
+                perplexity=m.perplexity, mean_nll=m.scores.mean_nll, environment=ev.environment(),
+                provenance={**bl.git_state(manifest.root), "created": bl.now_iso(), "command": command,
+                            "reference_path": os.path.relpath(manifest.models[model].path, manifest.root),
+                            "reference_sha256": reference_sha, "backend": m.description.get("backend"),
+                            **scored, "eval_seconds": round(m.seconds, 2)},
+                logprobs=m.scores.logprobs, doc_starts=m.doc_starts)
+            bl.write_baseline(baseline, path)
+            print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
+                  f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
     ev.release()
     return 1 if refused else 0
 
@@ -124,8 +130,10 @@ def cmd_protocol(args) -> int:
     out = {}
     for model in _models(manifest, args):
         for corpus in args.corpus or manifest.models[model].corpora:
-            p = ev.protocol(model, corpus)
-            out[f"{model}/{corpus}"] = {"fingerprint": p.fingerprint, **p.as_dict()}
+            for backend in manifest.models[model].backends():
+                p = ev.protocol(model, corpus, backend=backend)
+                key = f"{model}/{corpus}" + ("" if backend == "transformers" else f" ({backend})")
+                out[key] = {"fingerprint": p.fingerprint, **p.as_dict()}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -161,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None)
     p.add_argument("--all-profiles", action="store_true")
     p.add_argument("--force", action="store_true", help="replace baselines measured under another protocol")
+    p.add_argument("--backend", action="append", default=None, choices=("transformers", "llama.cpp"),
+                   help="whose kernels score the reference (default: every backend the model's variants use)")
     p.set_defaults(func=cmd_baseline)
 
     z = sub.add_parser("zoo", help="the demo zoo's recipe variants")

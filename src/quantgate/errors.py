@@ -28,7 +28,11 @@ class CheckpointMissing(CannotTest):
 
 
 class DeviceUnavailable(CannotTest):
-    pass
+    """The check needs hardware this machine lacks (e.g. a CUDA-only kernel): skipped, with the reason."""
+
+
+class BackendUnavailable(DeviceUnavailable):
+    """The check needs an optional native library that is not installed here (e.g. llama-cpp-python)."""
 
 
 class ProtocolMismatch(CannotTest):

@@ -94,7 +94,17 @@ class Evaluator:
                                             add_bos=settings.add_bos, token_cap=settings.token_cap)
         return self._tokenized[key]
 
-    def protocol(self, model: str, corpus: str, profile: str | None = None) -> Protocol:
+    def backend_of(self, model: str, variant: str | None) -> str:
+        return "transformers" if variant is REFERENCE else self.variant(model, variant).backend
+
+    def require_backend(self, model: str, variant: str | None) -> None:
+        """Fail fast (as a skip) when a variant's backend cannot run here, before looking for baselines."""
+        if self.backend_of(model, variant) == "llama.cpp":
+            from .backends.llamacpp import require_llama_cpp
+
+            require_llama_cpp(f"variant {model}/{variant}")
+
+    def protocol(self, model: str, corpus: str, profile: str | None = None, backend: str = "transformers") -> Protocol:
         s = self.settings(model, profile)
         tok = self.tokenized(model, corpus, s)
         spec = self.manifest.corpora[corpus]
@@ -104,8 +114,11 @@ class Evaluator:
             joiner=spec.joiner.encode("unicode_escape").decode("ascii"),  # readable in snapshot diffs
             tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
             add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
-            scoring_rule=SCORING_RULE, dtype=s.dtype, device_class=device_class(self.device),
-            tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride),
+            scoring_rule=SCORING_RULE,
+            # llama.cpp computes in its own (mixed) precision on the CPU, whatever the manifest says
+            dtype=s.dtype if backend == "transformers" else "native",
+            device_class=device_class(self.device) if backend == "transformers" else "cpu",
+            tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride), backend=backend,
         )
 
     def reference_sha256(self, model: str) -> str:
@@ -130,18 +143,22 @@ class Evaluator:
         return self._reference_params[model]
 
     # -- baselines ----------------------------------------------------------------------
-    def baseline_path(self, model: str, corpus: str) -> Path:
-        return bl.baseline_path(self.manifest.baselines_dir, model, corpus, self.profile)
+    def baseline_path(self, model: str, corpus: str, backend: str = "transformers") -> Path:
+        return bl.baseline_path(self.manifest.baselines_dir, model, corpus, self.profile, backend)
 
-    def baseline_command(self, model: str, corpus: str) -> str:
+    def baseline_command(self, model: str, corpus: str, backend: str = "transformers") -> str:
         profile = "" if self.profile == self.manifest.default_profile else f" --profile {self.profile}"
-        return f"quantgate baseline --model {model} --corpus {corpus}{profile}"
+        which = "" if backend == "transformers" else f" --backend {backend}"
+        return f"quantgate baseline --model {model} --corpus {corpus}{profile}{which}"
 
-    def comparable_baseline(self, model: str, corpus: str) -> bl.Baseline:
-        """The stored baseline, refused unless its protocol and reference checkpoint match ours."""
-        baseline = bl.read_baseline(self.baseline_path(model, corpus),
-                                    create_hint=self.baseline_command(model, corpus))
-        ours = self.protocol(model, corpus)
+    def comparable_baseline(self, model: str, corpus: str, backend: str = "transformers") -> bl.Baseline:
+        """The stored baseline, refused unless its protocol and reference checkpoint match ours.
+
+        Each backend has its own: llama.cpp's reference is the F16 GGUF scored by llama.cpp, so
+        that differences between kernels are not blamed on quantization."""
+        command = self.baseline_command(model, corpus, backend)
+        baseline = bl.read_baseline(self.baseline_path(model, corpus, backend), create_hint=command)
+        ours = self.protocol(model, corpus, backend=backend)
         if not ours.matches(baseline.protocol):
             diffs = ours.differences(baseline.protocol)
             fields = ", ".join(d.split(":", 1)[0] for d in diffs)
@@ -151,7 +168,7 @@ class Evaluator:
                 f"  baseline protocol : {baseline.protocol.fingerprint} ({baseline.path})",
                 "  current != baseline:",
                 *(f"    {d}" for d in diffs),
-                f"  Restore the protocol, or re-baseline on purpose: {self.baseline_command(model, corpus)} --force",
+                f"  Restore the protocol, or re-baseline on purpose: {command} --force",
             ]))
         recorded = baseline.provenance.get("reference_sha256")
         current = self.reference_sha256(model)
@@ -159,18 +176,23 @@ class Evaluator:
             raise ProtocolMismatch(
                 f"refusing to compare {model}/{corpus}: the reference checkpoint {self.model(model).path} changed since "
                 f"the baseline was measured (sha256 {str(recorded)[:12]} -> {current[:12]}); re-baseline: "
-                f"{self.baseline_command(model, corpus)} --force")
+                f"{command} --force")
         return baseline
 
     # -- models -------------------------------------------------------------------------
-    def checkpoint(self, model: str, variant: str | None) -> LoadedCheckpoint:
-        key = (model, variant)
+    def checkpoint(self, model: str, variant: str | None, backend: str | None = None) -> LoadedCheckpoint:
+        backend = backend or self.backend_of(model, variant)
+        key = (model, variant, backend)
         if self._resident and self._resident[0] == key:
             return self._resident[1]
         self.release()  # one model resident at a time
         ref = self.model(model)
         settings = self.settings(model)
-        if variant is REFERENCE:
+        if variant is REFERENCE and backend == "llama.cpp":
+            from .zoo import reference_gguf
+
+            path, fmt, what = reference_gguf(self.manifest, ref), "gguf", f"reference {model} (F16 GGUF)"
+        elif variant is REFERENCE:
             path, fmt, what = ref.path, ref.format, f"reference {model}"
         else:
             v = self.variant(model, variant)
@@ -178,7 +200,7 @@ class Evaluator:
 
             path, fmt, what = variant_path(self.manifest, ref, v), v.format, f"variant {model}/{variant}"
         loaded = load_checkpoint(path, fmt=fmt, dtype=settings.dtype, device=self.device, what=what,
-                                 tokenizer_path=ref.path)
+                                 tokenizer_path=ref.path, backend=backend)
         if variant is not REFERENCE:
             v = self.variant(model, variant)
             loaded.description.update(bits=v.bits, group_size=v.group_size, desc_act=v.desc_act,
@@ -191,19 +213,14 @@ class Evaluator:
             release(self._resident[1])
             self._resident = None
 
-    def measure(self, model: str, variant: str | None, corpus: str) -> Measurement:
+    def measure(self, model: str, variant: str | None, corpus: str, backend: str | None = None) -> Measurement:
+        backend_name = backend or self.backend_of(model, variant)
         settings = self.settings(model)
-        protocol = self.protocol(model, corpus)
+        protocol = self.protocol(model, corpus, backend=backend_name)
         reference_tokens = self.tokenized(model, corpus, settings)
-        loaded = self.checkpoint(model, variant)
+        loaded = self.checkpoint(model, variant, backend_name)
         if loaded.description["tokenizer_from"] != str(self.model(model).path):
-            own = tokenize(self.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos,
-                           token_cap=settings.token_cap)
-            if own.tokens_sha256 != reference_tokens.tokens_sha256:
-                raise TokenizerMismatch(
-                    f"{model}/{variant}: its tokenizer ({loaded.description['tokenizer_from']}) turns corpus "
-                    f"{corpus!r} into different token ids than the reference's ({len(own.ids)} vs "
-                    f"{len(reference_tokens.ids)} tokens): perplexities would not be comparable")
+            self._check_tokenizer(model, variant, corpus, loaded, settings, reference_tokens)
         backend = loaded.backend
         started = time.perf_counter()
         scores = backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
@@ -212,6 +229,31 @@ class Evaluator:
         return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
                            doc_starts=reference_tokens.doc_starts,
                            description={**loaded.description, **backend.describe()}, seconds=seconds)
+
+    def _check_tokenizer(self, model, variant, corpus, loaded, settings, reference_tokens) -> None:
+        """The variant must give the reference's token ids the reference's meaning."""
+        what = f"{model}/{variant or 'reference'}"
+        source = loaded.description["tokenizer_from"]
+        if loaded.vocabulary is not None:  # a backend fed with the reference's ids: same vocabulary?
+            ref_tok = self.reference_tokenizer(model)
+            expected = ref_tok.convert_ids_to_tokens(list(range(len(ref_tok))))
+            ours = loaded.vocabulary[:len(expected)]
+            differ = [i for i, (a, b) in enumerate(zip(expected, ours, strict=False)) if a != b]
+            if differ or len(ours) < len(expected):
+                i = differ[0] if differ else len(ours)
+                raise TokenizerMismatch(
+                    f"{what}: the vocabulary in {source} differs from the reference tokenizer's "
+                    f"({len(differ)} of {len(expected)} ids; first id {i}: {ours[i] if i < len(ours) else None!r} "
+                    f"vs {expected[i]!r}): the same ids would mean other tokens")
+            return
+        own = tokenize(self.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos, token_cap=settings.token_cap)
+        if own.tokens_sha256 != reference_tokens.tokens_sha256:
+            first = next((i for i, (a, b) in enumerate(zip(own.ids, reference_tokens.ids, strict=False)) if a != b),
+                         min(len(own.ids), len(reference_tokens.ids)))
+            raise TokenizerMismatch(
+                f"{what}: its tokenizer ({source}) turns corpus {corpus!r} into different token ids than the "
+                f"reference's ({len(own.ids)} vs {len(reference_tokens.ids)} tokens, first difference at token "
+                f"{first}): perplexities would not be comparable")
 
     def environment(self) -> dict[str, Any]:
         return environment(self.device)

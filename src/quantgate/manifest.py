@@ -23,6 +23,7 @@ from .errors import ManifestError
 MANIFEST_NAME = "quantgate.toml"
 DTYPES = ("float32", "float16", "bfloat16")
 KNOWN_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "gguf", "bnb", "compressed-tensors")
+BACKENDS = ("transformers", "llama.cpp")  # llama.cpp scores GGUF files only
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Variant:
     recipe: dict[str, Any] | None = None
     max_ratio: float | None = None
     reversal_tolerance: float | None = None
+    backend: str = "transformers"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class ReferenceModel:
     profiles: dict[str, ProtocolSettings]
     thresholds: dict[str, float] = field(default_factory=dict)  # "format/bits" -> max ratio
     reversal_tolerance: float = 0.005
+    gguf: Path | None = None  # F16 GGUF of the reference for the llama.cpp backend; None: built from `path`
+
+    def backends(self) -> tuple[str, ...]:
+        """The backends whose reference baselines this model needs (transformers always)."""
+        return ("transformers", *sorted({v.backend for v in self.variants} - {"transformers"}))
 
 
 @dataclass(frozen=True)
@@ -207,8 +214,12 @@ def _variant(t: _Table, root: Path) -> Variant:
         recipe=t.take("recipe", dict, None),
         max_ratio=t.take("max_ratio", (int, float), None),
         reversal_tolerance=t.take("reversal_tolerance", (int, float), None),
+        backend=t.take("backend", str, "transformers", choices=BACKENDS),
     )
     t.done()
+    if variant.backend == "llama.cpp" and variant.format != "gguf":
+        raise ManifestError(t.file, t.key("backend"), f"llama.cpp scores GGUF files only; variant "
+                            f"{variant.name!r} is {variant.format!r}")
     if variant.path is None and variant.recipe is None:
         raise ManifestError(t.file, t.where, f"variant {variant.name!r} needs a path or a recipe")
     return variant
@@ -244,6 +255,7 @@ def load_manifest(path: str | Path) -> Manifest:
         mt = models_t.table(mname)
         m_path = mt.take("path", str)
         m_format = mt.take("format", str, "fp16", choices=("fp16", "bf16", "fp32"))
+        m_gguf = mt.take("gguf", str, None)
         m_corpora = tuple(mt.take("corpora", list))
         for c in m_corpora:
             if c not in corpora:
@@ -267,6 +279,7 @@ def load_manifest(path: str | Path) -> Manifest:
             name=mname, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
             protocol=protocol, profiles=profiles, thresholds=thresholds,
             reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
+            gguf=root / m_gguf if m_gguf else None,
         )
         mt.done()
     top.done()

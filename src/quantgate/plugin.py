@@ -161,8 +161,12 @@ def quality_protocols(request: pytest.FixtureRequest, quality_protocol_case, qua
     """Every profile's protocol for one (model, corpus): what the drift snapshot records."""
     model, corpus = quality_protocol_case
     manifest = _state(request.config).manifest()
-    return {profile: quality_evaluator.protocol(model, corpus, profile).as_dict()
-            for profile in manifest.profile_names()}
+    protocols = {}
+    for backend in manifest.models[model].backends():
+        for profile in manifest.profile_names():
+            key = profile if backend == "transformers" else f"{profile} ({backend})"
+            protocols[key] = quality_evaluator.protocol(model, corpus, profile, backend).as_dict()
+    return protocols
 
 
 @pytest.hookimpl(wrapper=True)

@@ -37,18 +37,20 @@ class Protocol:
     dtype: str
     device_class: str  # "cpu" or "cuda": kernels differ between them
     tokens_scored: int
+    backend: str = "transformers"  # whose kernels score: "transformers" (torch) or "llama.cpp"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def fingerprint(self) -> str:
-        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return fingerprint_of(self.as_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Protocol":
+    def from_dict(cls, data: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> "Protocol":
+        """Strict: every field must be present, except those given `defaults` (older schemas)."""
         names = {f.name for f in fields(cls)}
+        data = {**(defaults or {}), **data}
         missing = names - data.keys()
         if missing:
             raise KeyError(f"protocol lacks {sorted(missing)}")
@@ -62,6 +64,11 @@ class Protocol:
         """Human-readable 'field: ours != theirs' lines."""
         a, b = self.as_dict(), other.as_dict()
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def fingerprint_of(protocol: dict[str, Any]) -> str:
+    canonical = json.dumps(protocol, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def device_class(device: str) -> str:

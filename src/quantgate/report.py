@@ -59,7 +59,7 @@ class RunReport:
         }, indent=2) + "\n"
 
     def markdown(self) -> str:
-        head = ["variant", "format", "bits", "corpus", "PPL", "FP16 PPL", "relative PPL", "bound", "verdict",
+        head = ["variant", "format", "bits", "backend", "corpus", "PPL", "FP16 PPL", "relative PPL", "bound", "verdict",
                 "size MB", "bits/weight"]
         lines = [f"## quantgate summary (profile `{self.profile}`, device `{self.device}`)", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -72,11 +72,12 @@ class RunReport:
                 continue
             verdict = r.verdict if not r.detail or r.value is not None else f"{r.verdict}: {r.detail}"
             lines.append("| " + " | ".join([
-                f"{r.model}/{r.variant}", r.format, "-" if r.bits is None else str(r.bits), r.corpus,
+                f"{r.model}/{r.variant}", r.format, "-" if r.bits is None else str(r.bits), r.backend or "-", r.corpus,
                 num(r.value, ".3f"), num(r.baseline, ".3f"), num(r.ratio, ".4f"),
                 "none" if r.bound is None else f"{r.bound:.4g}", verdict.replace("\n", " ").replace("|", "/"),
                 num(None if r.size_bytes is None else r.size_bytes / 1e6, ".1f"), num(r.bits_per_weight, ".2f"),
             ]) + " |")
+        lines += self._backends_side_by_side()
         methods = {(r.model, r.variant): r for r in self.records if r.scheme or r.calibration or r.outlier_handling}
         if methods:
             lines += ["", "| variant | scheme | group size | desc_act | outlier handling | calibration |", "|---|---|---|---|---|---|"]
@@ -88,6 +89,28 @@ class RunReport:
             for where, changes in self.environment_changes.items():
                 lines.append(f"- `{where}`: " + "; ".join(changes))
         return "\n".join(lines) + "\n"
+
+    def _backends_side_by_side(self) -> list[str]:
+        """The same file scored by several backends (GGUF: dequantized by transformers and by llama.cpp)."""
+        by_file: dict[tuple, dict[str, Record]] = {}
+        for r in self.records:
+            if r.metric == "relative_perplexity" and r.ratio is not None and r.backend:
+                key = (r.model, r.format, r.bits, r.scheme, r.size_bytes, r.corpus)
+                by_file.setdefault(key, {})[r.backend] = r
+        shared = {k: v for k, v in by_file.items() if len(v) > 1}
+        if not shared:
+            return []
+        backends = sorted({b for v in shared.values() for b in v})
+        lines = ["", "The same file under each backend (each against its own reference: FP16 for transformers, "
+                 "the F16 GGUF for llama.cpp):", "",
+                 "| model | file | corpus | " + " | ".join(f"relative PPL ({b})" for b in backends) + " | spread |",
+                 "|" + "---|" * (4 + len(backends))]
+        for (model, fmt, bits, scheme, _size, corpus), recs in shared.items():
+            ratios = [recs[b].ratio for b in backends if b in recs]
+            cells = [f"{recs[b].ratio:.4f}" if b in recs else "-" for b in backends]
+            lines.append(f"| {model} | {fmt} {scheme or bits} | {corpus} | " + " | ".join(cells)
+                         + f" | {max(ratios) - min(ratios):.4f} |")
+        return lines
 
     def acceptability_markdown(self, rows) -> str:
         """The acceptability table with the measured ratios of this run beside each row's expected range."""

@@ -15,11 +15,14 @@ from importlib import metadata
 from pathlib import Path
 
 from .baselines import checkpoint_sha256
-from .errors import ManifestError, QuantgateError
+from .checkpoints.gguf_build import QUANT_FTYPES as QUANT_TYPES
+from .errors import BackendUnavailable, ManifestError, QuantgateError
 from .manifest import Manifest, ReferenceModel, Variant
 
-BUILDERS = ("gptqmodel",)
+BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python"}  # recipe builder -> package
+BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp"}
 RECIPE_FILE = "quantgate-recipe.json"
+GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion changes
 
 
 def _calibration_corpus(manifest: Manifest, recipe: dict):
@@ -50,9 +53,10 @@ def _calibration_chunks(manifest: Manifest, ref: ReferenceModel, recipe: dict) -
 
 def _builder_version(builder: str) -> str:
     try:
-        return metadata.version(builder)
+        return metadata.version(BUILDERS[builder])
     except metadata.PackageNotFoundError:
-        raise QuantgateError(f"recipe builder {builder!r} is not installed (pip install 'quantgate[gptq]')") from None
+        raise BackendUnavailable(f"recipe builder {builder!r} needs {BUILDERS[builder]}, which is not installed "
+                                 f"(pip install 'quantgate[{BUILDER_EXTRAS[builder]}]')") from None
 
 
 def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> dict:
@@ -61,28 +65,73 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
     if builder not in BUILDERS:
         raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe.builder",
                             f"must be one of {', '.join(BUILDERS)}; got {builder!r}")
-    return {
+    identity = {
         "recipe": recipe,
         "format": variant.format, "bits": variant.bits, "group_size": variant.group_size,
         "desc_act": variant.desc_act,
         "reference_sha256": checkpoint_sha256(ref.path),
-        "calibration_text_sha256": _calibration_corpus(manifest, recipe).text_sha256,
         "builder_version": _builder_version(builder),
     }
+    if builder == "gptqmodel":
+        identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
+    else:  # llama.cpp quantizes the F16 GGUF that gguf-py writes from the reference
+        if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
+            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
+                                f"builder llama.cpp makes gguf variants with type one of {', '.join(QUANT_TYPES)}")
+        identity["f16_gguf"] = _f16_identity(ref)
+    return identity
+
+
+def _f16_identity(ref: ReferenceModel) -> dict:
+    return {"reference_sha256": checkpoint_sha256(ref.path), "writer": GGUF_WRITER,
+            "gguf": metadata.version("gguf")}
+
+
+def reference_gguf(manifest: Manifest, ref: ReferenceModel) -> Path:
+    """The F16 GGUF the llama.cpp backend scores as the reference: the manifest's `gguf`, or one
+    written from the reference checkpoint by gguf-py, cached by the reference's hash."""
+    if ref.gguf is not None:
+        return ref.gguf
+    try:
+        identity = _f16_identity(ref)
+    except metadata.PackageNotFoundError:
+        raise BackendUnavailable("writing the F16 GGUF reference needs gguf (pip install 'quantgate[gguf]')") from None
+    out = manifest.zoo_dir / ref.name / f"gguf-F16-{recipe_hash(identity)[:12]}"
+    target = out / "model-F16.gguf"
+    if (out / RECIPE_FILE).is_file():
+        return target
+    from filelock import FileLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / RECIPE_FILE).is_file():
+            from .checkpoints.gguf_build import write_f16_gguf
+
+            print(f"quantgate: writing the F16 GGUF of {ref.name} -> {target}", file=sys.stderr, flush=True)
+            record = write_f16_gguf(ref.path, target)
+            record.update(identity=identity)
+            (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return target
 
 
 def recipe_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _entry_name(variant: Variant, identity: dict) -> str:
+    # GGUF variants that differ only in the scoring backend share one file.
+    label = f"gguf-{variant.recipe['type']}" if variant.format == "gguf" else variant.name
+    return f"{label}-{recipe_hash(identity)[:12]}"
+
+
 def built_dir(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path:
-    return manifest.zoo_dir / ref.name / f"{variant.name}-{recipe_hash(recipe_identity(manifest, ref, variant))[:12]}"
+    return manifest.zoo_dir / ref.name / _entry_name(variant, recipe_identity(manifest, ref, variant))
 
 
 def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, force: bool = False) -> tuple[Path, dict | None]:
     """Build one recipe variant unless its cache entry exists; returns (dir, build record or None)."""
     identity = recipe_identity(manifest, ref, variant)
-    out = manifest.zoo_dir / ref.name / f"{variant.name}-{recipe_hash(identity)[:12]}"
+    out = manifest.zoo_dir / ref.name / _entry_name(variant, identity)
     if (out / RECIPE_FILE).is_file() and not force:
         return out, None
     from filelock import FileLock
@@ -99,9 +148,19 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         import shutil
 
         shutil.rmtree(out)
-    chunks = _calibration_chunks(manifest, ref, variant.recipe)
     print(f"quantgate: building {ref.name}/{variant.name} ({variant.format} {variant.bits}-bit) -> {out}",
           file=sys.stderr, flush=True)
+    if variant.format == "gguf":
+        from .checkpoints.gguf_build import quantize_gguf
+
+        qtype = variant.recipe["type"]
+        f16 = reference_gguf(manifest, ref)
+        out.mkdir(parents=True)
+        record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
+        record.update(identity=identity, f16_gguf=str(f16))
+        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return record
+    chunks = _calibration_chunks(manifest, ref, variant.recipe)
     from .checkpoints import gptq_build
 
     builders = {"gptq": gptq_build.build_gptq, "awq": gptq_build.build_awq}

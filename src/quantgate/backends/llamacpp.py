@@ -23,6 +23,21 @@ from ..perplexity import Window
 from .base import ScoringBackend, collect_scores
 
 
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def require_llama_cpp(what: str) -> None:
+    """Raise BackendUnavailable (a skip, exit 125 under --quality-bisect) when llama-cpp-python is absent."""
+    if not llama_cpp_available():
+        from ..errors import BackendUnavailable
+
+        raise BackendUnavailable(f"{what}: the llama.cpp backend needs llama-cpp-python, which is not installed "
+                                 "(pip install 'quantgate[llamacpp]'; it compiles llama.cpp on install)")
+
+
 def _import_llama_cpp():
     import llama_cpp
 
@@ -53,6 +68,12 @@ class LlamaCppBackend(ScoringBackend):
         self._n_ctx = 0
         if n_ctx:
             self._context(n_ctx)
+
+    def vocabulary(self) -> list[str]:
+        """Token strings by id, as the GGUF stores them (the ids this backend is fed must mean the same)."""
+        lc = self._lc
+        vocab = lc.llama_model_get_vocab(self._model)
+        return [lc.llama_vocab_get_text(vocab, i).decode("utf-8", errors="replace") for i in range(self.n_vocab)]
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cpu", "n_threads": self.n_threads,

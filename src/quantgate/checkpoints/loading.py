@@ -1,4 +1,4 @@
-"""Load Hugging Face checkpoints (FP16/BF16 and GPTQ/AWQ through transformers) and audit them.
+"""Load checkpoints (FP16/BF16, GPTQ/AWQ and GGUF through transformers; GGUF through llama.cpp) and audit them.
 
 transformers only *warns* when a checkpoint lacks weights and initialises them randomly;
 a model loaded that way still runs and its perplexity is merely terrible (we saw x35). So
@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import CheckpointMissing, LoadAuditError
 
 HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq")
+LOADABLE_FORMATS = (*HF_FORMATS, "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -27,6 +28,7 @@ class LoadedCheckpoint:
     tokenizer: Any
     description: dict[str, Any] = field(default_factory=dict)
     backend: Any = None  # the ScoringBackend that scores with this model
+    vocabulary: list[str] | None = None  # id -> token string, for backends that score ids without a HF tokenizer
 
 
 def checkpoint_size_bytes(path: Path) -> int:
@@ -144,12 +146,65 @@ def _quantized_kernels(model) -> list[str]:
     return sorted(names)
 
 
-def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
-                    tokenizer_path: Path | None = None) -> LoadedCheckpoint:
-    """Load one checkpoint for scoring; raise CheckpointMissing or LoadAuditError, never half-load."""
-    if fmt not in HF_FORMATS:
-        raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(HF_FORMATS)})")
+def gguf_file(path: Path, what: str) -> Path:
+    """The GGUF file a variant names: the path itself, or the single .gguf inside a directory."""
     path = _require(path, what)
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise CheckpointMissing(f"{what}: {path} must hold exactly one .gguf file (found: {found}); name the file")
+    return files[0]
+
+
+def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
+                    tokenizer_path: Path | None = None, backend: str = "transformers") -> LoadedCheckpoint:
+    """Load one checkpoint for scoring; raise CheckpointMissing or LoadAuditError, never half-load."""
+    if fmt not in LOADABLE_FORMATS:
+        raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(LOADABLE_FORMATS)})")
+    if fmt == "gguf":
+        file = gguf_file(path, what)
+        if backend == "llama.cpp":
+            return _load_gguf_llamacpp(file, what=what, device=device)
+        return _load_hf(file.parent, fmt=fmt, dtype=dtype, device=device, what=what,
+                        tokenizer_path=tokenizer_path, gguf=file)
+    if backend != "transformers":
+        raise LoadAuditError(f"{what}: backend {backend!r} cannot load format {fmt!r}")
+    return _load_hf(_require(path, what), fmt=fmt, dtype=dtype, device=device, what=what,
+                    tokenizer_path=tokenizer_path)
+
+
+def _load_gguf_llamacpp(file: Path, *, what: str, device: str) -> LoadedCheckpoint:
+    from ..backends.llamacpp import LlamaCppBackend, require_llama_cpp
+
+    require_llama_cpp(what)
+    # n_gpu_layers=0: llama.cpp scores on the CPU whatever `device` says (a CUDA build of
+    # llama-cpp-python would need its own protocol device class).
+    started = time.perf_counter()
+    try:
+        backend = LlamaCppBackend(file)
+    except RuntimeError as exc:
+        raise LoadAuditError(f"{what}: {exc} (llama.cpp refuses files with missing or malformed tensors; "
+                             "its log says which)") from exc
+    from .gguf_build import gguf_tensor_types
+
+    description = {
+        "format": "gguf",
+        "dtype": "native (llama.cpp kernels)",
+        "device": "cpu",
+        "kernels": ["llama.cpp CPU"],
+        "load_seconds": round(time.perf_counter() - started, 3),
+        "size_bytes": file.stat().st_size,
+        "tokenizer_from": str(file),
+        "gguf_tensor_types": gguf_tensor_types(file),
+    }
+    return LoadedCheckpoint(model=backend, tokenizer=None, description=description, backend=backend,
+                            vocabulary=backend.vocabulary())
+
+
+def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path: Path | None,
+             gguf: Path | None = None) -> LoadedCheckpoint:
     quiet_optional_libraries()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -158,6 +213,8 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
     kwargs = dict(dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf.name  # transformers dequantizes every tensor to `dtype`
     legacy = legacy_gptq_config(path) if fmt == "gptq" and path.is_dir() else None
     if legacy is not None:
         kwargs["config"] = legacy
@@ -170,26 +227,39 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
             # Reload only to learn *which* tensors have the wrong shape; the audit then refuses it.
             model, info = AutoModelForCausalLM.from_pretrained(str(path), ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # safetensors, json, torch and library errors alike: the file is unusable
-        raise LoadAuditError(f"{what}: cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise LoadAuditError(f"{what}: cannot load checkpoint {gguf or path}: {type(exc).__name__}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(previous)
     tolerated = zero_biases_of_quantized_layers(path, list(info.get("unexpected_keys") or ()))
     audit_loading_info(info, what, tolerated)
     audit_finite(model, what)
     model.eval()
-    tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
-    if tok_dir is None:
-        raise LoadAuditError(f"{what}: {path} has no tokenizer and no reference tokenizer was given")
-    tokenizer = load_tokenizer(tok_dir)
+    if gguf is not None:  # a GGUF carries its own tokenizer; the evaluator checks it against the reference's
+        tok_dir = gguf
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf.name)
+        except Exception as exc:
+            raise LoadAuditError(f"{what}: cannot read the tokenizer inside {gguf}: {type(exc).__name__}: {exc}") from exc
+    else:
+        tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
+        if tok_dir is None:
+            raise LoadAuditError(f"{what}: {path} has no tokenizer and no reference tokenizer was given")
+        tokenizer = load_tokenizer(tok_dir)
     description = {
         "format": fmt,
         "dtype": dtype,
         "device": str(device),
         "kernels": _quantized_kernels(model),
         "load_seconds": round(time.perf_counter() - started, 3),
-        "size_bytes": checkpoint_size_bytes(path),
+        "size_bytes": checkpoint_size_bytes(gguf or path),
         "tokenizer_from": str(tok_dir),
     }
+    if gguf is not None:
+        from .gguf_build import gguf_tensor_types
+
+        description.update(kernels=["torch (GGUF dequantized)"], gguf_tensor_types=gguf_tensor_types(gguf))
     if legacy is not None:
         description["legacy_layout"] = "AutoGPTQ (weights file and/or quantize_config.json), GPTQ v1 zero points"
     if tolerated:
