@@ -19,8 +19,8 @@ from .checkpoints.gguf_build import QUANT_FTYPES as QUANT_TYPES
 from .errors import BackendUnavailable, ManifestError, QuantgateError
 from .manifest import Manifest, ReferenceModel, Variant
 
-BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python"}  # recipe builder -> package
-BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp"}
+BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python", "bitsandbytes": "bitsandbytes"}  # -> package
+BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp", "bitsandbytes": "bnb"}
 RECIPE_FILE = "quantgate-recipe.json"
 GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion changes
 
@@ -74,6 +74,11 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
     }
     if builder == "gptqmodel":
         identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
+    elif builder == "bitsandbytes":
+        if variant.format != "bnb" or variant.bits not in (4, 8):
+            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
+                                "builder bitsandbytes makes bnb variants of 8 or 4 bits")
+        identity["storage_dtype"] = "float16"  # see bnb_build.build_bnb
     else:  # llama.cpp quantizes the F16 GGUF that gguf-py writes from the reference
         if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
@@ -158,6 +163,13 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         out.mkdir(parents=True)
         record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
         record.update(identity=identity, f16_gguf=str(f16))
+        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return record
+    if variant.format == "bnb":
+        from .checkpoints.bnb_build import build_bnb
+
+        record = build_bnb(ref.path, out, bits=variant.bits, quant_type=variant.recipe.get("quant_type", "nf4"))
+        record.update(identity=identity)
         (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         return record
     chunks = _calibration_chunks(manifest, ref, variant.recipe)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import CheckpointMissing, LoadAuditError
 
-HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq")
+HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "bnb")
 LOADABLE_FORMATS = (*HF_FORMATS, "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -47,8 +47,12 @@ def _require(path: Path | None, what: str) -> Path:
 
 def quiet_optional_libraries() -> None:
     """Optional quantization libraries log import-time noise (missing CUDA extensions on CPU)."""
-    for noisy in ("gptqmodel", "torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+    for noisy in ("gptqmodel", "torchao", "torchao.kernel.intmm", "torch.utils._pytree", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    # LLM.int8() computes in fp16 by design; bitsandbytes warns about it on every matmul.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
 def load_tokenizer(path: Path):
@@ -232,6 +236,11 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         hf_logging.set_verbosity(previous)
     tolerated = zero_biases_of_quantized_layers(path, list(info.get("unexpected_keys") or ()))
     audit_loading_info(info, what, tolerated)
+    weights_digest = None
+    if fmt == "bnb":
+        from .bnb_build import verify_weights_digest
+
+        weights_digest = verify_weights_digest(model, path, what)  # before any forward pass can repack them
     audit_finite(model, what)
     model.eval()
     if gguf is not None:  # a GGUF carries its own tokenizer; the evaluator checks it against the reference's
@@ -260,6 +269,8 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         from .gguf_build import gguf_tensor_types
 
         description.update(kernels=["torch (GGUF dequantized)"], gguf_tensor_types=gguf_tensor_types(gguf))
+    if fmt == "bnb":
+        description["weights_digest"] = "verified against the build record" if weights_digest else "no build record"
     if legacy is not None:
         description["legacy_layout"] = "AutoGPTQ (weights file and/or quantize_config.json), GPTQ v1 zero points"
     if tolerated:

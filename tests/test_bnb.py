@@ -1,0 +1,80 @@
+"""bitsandbytes variants on the tiny zoo: built from a recipe, gated, and the save-after-forward trap caught."""
+
+import json
+
+import pytest
+from test_plugin_e2e import make_project, run
+
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'quantgate[bnb]')")
+
+from quantgate.checkpoints.bnb_build import WEIGHTS_DIGEST_FILE, bnb_config, build_bnb  # noqa: E402
+from quantgate.checkpoints.loading import load_checkpoint  # noqa: E402
+from quantgate.errors import LoadAuditError  # noqa: E402
+
+BNB_VARIANTS = """
+[[models.tiny.variants]]
+name = "int8"
+format = "bnb"
+bits = 8
+recipe = { builder = "bitsandbytes" }
+"""
+
+
+def test_bnb_recipes_are_built_and_gated_with_their_format_and_bits(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template, variants=BNB_VARIANTS)
+    result = run(pytester, "--quality-json", "reports/q.json", "-k", "perplexity")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    records = {(r["variant"], r["corpus"]): r for r in json.loads((pytester.path / "reports" / "q.json").read_text())["records"]}
+    int8 = records[("int8", "code")]
+    assert (int8["format"], int8["bits"], int8["backend"], int8["verdict"]) == ("bnb", 8, "transformers", "pass")
+    assert "Linear8bitLt" in int8["kernels"]
+    assert int8["ratio"] == pytest.approx(1.0, abs=0.05)
+    built = list((pytester.path / "build" / "zoo" / "tiny").glob("int8-*/" + WEIGHTS_DIGEST_FILE))
+    assert len(built) == 1
+
+
+@pytest.fixture
+def nf4_sized_reference(tmp_path):
+    """bitsandbytes' CPU NF4 kernel packs rows in blocks: the tiny zoo's 32-wide layers are too narrow."""
+    import tinyzoo
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ref = tmp_path / "reference"
+    tokenizer = tinyzoo.make_tokenizer(ref)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(ref)
+    return ref
+
+
+def test_nf4_weights_saved_after_a_cpu_forward_pass_are_refused(nf4_sized_reference, tmp_path):
+    """The silent failure: bitsandbytes repacks NF4 weights in place on the first CPU forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "nf4"
+    record = build_bnb(nf4_sized_reference, out, bits=4)
+    loaded = load_checkpoint(out, fmt="bnb", dtype="float32", device="cpu", what="tiny/nf4",
+                             tokenizer_path=nf4_sized_reference)
+    assert loaded.description["weights_digest"] == "verified against the build record"
+    assert record["weights_sha256"] == json.loads((out / WEIGHTS_DIGEST_FILE).read_text())["sha256"]
+
+    # The same quantization in a user's script that "checks it works" before saving:
+    model = AutoModelForCausalLM.from_pretrained(str(nf4_sized_reference), quantization_config=bnb_config(4),
+                                                 dtype=torch.float16, device_map="cpu")
+    with torch.inference_mode():
+        model(torch.arange(1, 20)[None])
+    model.save_pretrained(str(out))  # over the verified build; its digest file stays
+    with pytest.raises(LoadAuditError, match="quantized weights differ from those recorded when it was built"):
+        load_checkpoint(out, fmt="bnb", dtype="float32", device="cpu", what="tiny/nf4", tokenizer_path=nf4_sized_reference)
+
+
+def test_a_bnb_checkpoint_without_a_build_record_loads_and_says_so(tiny_project):
+    out = tiny_project / "models" / "int8"
+    build_bnb(tiny_project / "models" / "reference", out, bits=8)
+    (out / WEIGHTS_DIGEST_FILE).unlink()  # e.g. a checkpoint made by someone else's script
+    loaded = load_checkpoint(out, fmt="bnb", dtype="float32", device="cpu", what="tiny/int8",
+                             tokenizer_path=tiny_project / "models" / "reference")
+    assert loaded.description["weights_digest"] == "no build record"
