@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import tinyzoo
-from test_plugin_e2e import BISECT_SKIP, make_project, run
+from test_plugin_e2e import assert_skipped_as_untestable, make_project, run
 
 pytest.importorskip("gguf", reason="gguf-py is not installed (pip install 'quantgate[gguf]')")
 
@@ -86,12 +86,8 @@ def test_llama_cpp_variant_without_llama_cpp_python_is_skipped_with_the_extra_na
     make_project(pytester, tiny_zoo_template)  # baselines for transformers only
     tinyzoo.write_manifest(pytester.path, variants=gguf_variant("native", backend="llama.cpp"))
     monkeypatch.setattr(lc, "llama_cpp_available", lambda: False)
-    result = run(pytester, "-rs", "-k", "perplexity")
-    assert result.ret == 0
-    result.assert_outcomes(skipped=2)
-    assert "needs llama-cpp-python, which is not installed (pip install 'quantgate[llamacpp]'" in result.stdout.str()
-    assert run(pytester, "-k", "perplexity", "--quality-strict").ret == 1
-    assert run(pytester, "-k", "perplexity", "--quality-bisect").ret == BISECT_SKIP
+    assert_skipped_as_untestable(pytester, "needs llama-cpp-python, which is not installed "
+                                           "(pip install 'quantgate[llamacpp]'")
 
 
 def test_gguf_missing_a_tensor_is_refused_by_both_loaders(tiny_project):

@@ -259,9 +259,14 @@ def test_a_format_that_needs_cuda_is_skipped_with_its_reason(pytester, tiny_zoo_
             raise DeviceUnavailable("variant tiny/close: this format needs CUDA; none here")
         ev.load_checkpoint = load
     """)
+    assert_skipped_as_untestable(pytester, "this format needs CUDA; none here")
+
+
+def assert_skipped_as_untestable(pytester, reason):
+    """Both perplexity checks skip with `reason`; --quality-strict fails that; bisect exits 125."""
     result = run(pytester, "-rs", "-k", "perplexity")
     assert result.ret == 0
     result.assert_outcomes(skipped=2)
-    assert "this format needs CUDA; none here" in result.stdout.str()
+    assert reason in result.stdout.str()
     assert run(pytester, "-k", "perplexity", "--quality-strict").ret == 1
     assert run(pytester, "-k", "perplexity", "--quality-bisect").ret == BISECT_SKIP

@@ -88,7 +88,7 @@ def cmd_baseline(args) -> int:
             if backend != "transformers":
                 from .zoo import reference_gguf
 
-                gguf = reference_gguf(manifest, manifest.models[model])
+                gguf = reference_gguf(manifest, manifest.models[model], reference_sha)
                 scored = {"scored_file": os.path.relpath(gguf, manifest.root), "scored_sha256": bl.file_sha256(gguf)}
             baseline = bl.Baseline(
                 model=model, corpus=corpus, profile=profile, protocol=protocol,

@@ -191,7 +191,7 @@ class Evaluator:
         if variant is REFERENCE and backend == "llama.cpp":
             from .zoo import reference_gguf
 
-            path, fmt, what = reference_gguf(self.manifest, ref), "gguf", f"reference {model} (F16 GGUF)"
+            path, fmt, what = reference_gguf(self.manifest, ref, self.reference_sha256(model)), "gguf", f"reference {model} (F16 GGUF)"
         elif variant is REFERENCE:
             path, fmt, what = ref.path, ref.format, f"reference {model}"
         else:

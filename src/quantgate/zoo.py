@@ -65,11 +65,12 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
     if builder not in BUILDERS:
         raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe.builder",
                             f"must be one of {', '.join(BUILDERS)}; got {builder!r}")
+    reference_sha256 = checkpoint_sha256(ref.path)
     identity = {
         "recipe": recipe,
         "format": variant.format, "bits": variant.bits, "group_size": variant.group_size,
         "desc_act": variant.desc_act,
-        "reference_sha256": checkpoint_sha256(ref.path),
+        "reference_sha256": reference_sha256,
         "builder_version": _builder_version(builder),
     }
     if builder == "gptqmodel":
@@ -83,22 +84,23 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
         if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
                                 f"builder llama.cpp makes gguf variants with type one of {', '.join(QUANT_TYPES)}")
-        identity["f16_gguf"] = _f16_identity(ref)
+        identity["f16_gguf"] = _f16_identity(reference_sha256)
     return identity
 
 
-def _f16_identity(ref: ReferenceModel) -> dict:
-    return {"reference_sha256": checkpoint_sha256(ref.path), "writer": GGUF_WRITER,
+def _f16_identity(reference_sha256: str) -> dict:
+    return {"reference_sha256": reference_sha256, "writer": GGUF_WRITER,
             "gguf": metadata.version("gguf")}
 
 
-def reference_gguf(manifest: Manifest, ref: ReferenceModel) -> Path:
+def reference_gguf(manifest: Manifest, ref: ReferenceModel, reference_sha256: str | None = None) -> Path:
     """The F16 GGUF the llama.cpp backend scores as the reference: the manifest's `gguf`, or one
-    written from the reference checkpoint by gguf-py, cached by the reference's hash."""
+    written from the reference checkpoint by gguf-py, cached by the reference's hash (pass it
+    when known: hashing a real checkpoint reads gigabytes)."""
     if ref.gguf is not None:
         return ref.gguf
     try:
-        identity = _f16_identity(ref)
+        identity = _f16_identity(reference_sha256 or checkpoint_sha256(ref.path))
     except metadata.PackageNotFoundError:
         raise BackendUnavailable("writing the F16 GGUF reference needs gguf (pip install 'quantgate[gguf]')") from None
     out = manifest.zoo_dir / ref.name / f"gguf-F16-{recipe_hash(identity)[:12]}"
@@ -159,7 +161,7 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         from .checkpoints.gguf_build import quantize_gguf
 
         qtype = variant.recipe["type"]
-        f16 = reference_gguf(manifest, ref)
+        f16 = reference_gguf(manifest, ref, identity["reference_sha256"])
         out.mkdir(parents=True)
         record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
         record.update(identity=identity, f16_gguf=str(f16))
