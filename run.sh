@@ -22,7 +22,7 @@ setup() {
     # built (no multimodal part, tools, tests or server): 4.9 min on 2 cores instead of 18.7.
     CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
       CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-      .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,llamacpp,bnb,demo,test]"
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,gptq,llamacpp,bnb,compressed,demo,test]"
     echo "$want" > "$stamp"
   fi
 }

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 DEFAULT = ["fp16", "gptq-w4g128", "gptq-w8g128", "awq-w4g128", "autogptq-w4g128", "gguf-q4_k_m",
-           "gguf-q4_k_m-llamacpp", "bnb-int8", "bnb-nf4"]
+           "gguf-q4_k_m-llamacpp", "bnb-int8", "bnb-nf4", "ct-w4a16-g128", "ct-w8a8-int8", "ct-fp8-dynamic"]
 
 CHILD = """
 import json, resource, sys, time

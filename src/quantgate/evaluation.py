@@ -98,11 +98,18 @@ class Evaluator:
         return "transformers" if variant is REFERENCE else self.variant(model, variant).backend
 
     def require_backend(self, model: str, variant: str | None) -> None:
-        """Fail fast (as a skip) when a variant's backend cannot run here, before looking for baselines."""
-        if self.backend_of(model, variant) == "llama.cpp":
+        """Fail fast (as a skip) when a variant's backend or format library is missing, before looking for baselines."""
+        if variant is REFERENCE:
+            return
+        v, what = self.variant(model, variant), f"variant {model}/{variant}"
+        if v.backend == "llama.cpp":
             from .backends.llamacpp import require_llama_cpp
 
-            require_llama_cpp(f"variant {model}/{variant}")
+            require_llama_cpp(what)
+        else:
+            from .checkpoints.loading import require_format_library
+
+            require_format_library(v.format, what)
 
     def protocol(self, model: str, corpus: str, profile: str | None = None, backend: str = "transformers") -> Protocol:
         s = self.settings(model, profile)

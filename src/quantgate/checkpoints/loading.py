@@ -1,4 +1,5 @@
-"""Load checkpoints (FP16/BF16, GPTQ/AWQ and GGUF through transformers; GGUF through llama.cpp) and audit them.
+"""Load checkpoints (FP16/BF16, GPTQ/AWQ, bitsandbytes, compressed-tensors and GGUF through transformers;
+GGUF through llama.cpp) and audit them.
 
 transformers only *warns* when a checkpoint lacks weights and initialises them randomly;
 a model loaded that way still runs and its perplexity is merely terrible (we saw x35). So
@@ -17,8 +18,15 @@ from typing import Any
 
 from ..errors import CheckpointMissing, LoadAuditError
 
-HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "bnb")
+HF_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "bnb", "compressed-tensors")
 LOADABLE_FORMATS = (*HF_FORMATS, "gguf")
+# format -> (module transformers needs to load it, quantgate extra that installs it)
+FORMAT_LIBRARIES = {
+    "gptq": ("gptqmodel", "gptq"),
+    "awq": ("gptqmodel", "gptq"),
+    "bnb": ("bitsandbytes", "bnb"),
+    "compressed-tensors": ("compressed_tensors", "compressed"),
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -53,6 +61,20 @@ def quiet_optional_libraries() -> None:
 
     # LLM.int8() computes in fp16 by design; bitsandbytes warns about it on every matmul.
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+def require_format_library(fmt: str, what: str) -> None:
+    """Raise BackendUnavailable (a skip; exit 125 under --quality-bisect) when a format's library is absent."""
+    import importlib.util
+
+    if fmt not in FORMAT_LIBRARIES:
+        return
+    module, extra = FORMAT_LIBRARIES[fmt]
+    if importlib.util.find_spec(module) is None:
+        from ..errors import BackendUnavailable
+
+        raise BackendUnavailable(f"{what}: format {fmt!r} needs the {module} package, which is not installed "
+                                 f"(pip install 'quantgate[{extra}]')")
 
 
 def load_tokenizer(path: Path):
@@ -129,12 +151,17 @@ def audit_loading_info(info: dict[str, Any], what: str, tolerated: list[str] = (
         raise LoadAuditError(f"{what} did not load whole: " + "; ".join(problems))
 
 
+def _finite_checkable(tensor):
+    """torch has no isfinite for FP8 storage types; their float32 upcast is exact and keeps NaN."""
+    return tensor.float() if tensor.element_size() == 1 else tensor
+
+
 def audit_finite(model, what: str) -> None:
     import torch
 
     bad = []
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(_finite_checkable(tensor)).all()):
             bad.append(name)
     if bad:
         raise LoadAuditError(f"{what} has NaN/Inf weights in: {', '.join(bad[:10])}"
@@ -175,6 +202,7 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
                         tokenizer_path=tokenizer_path, gguf=file)
     if backend != "transformers":
         raise LoadAuditError(f"{what}: backend {backend!r} cannot load format {fmt!r}")
+    require_format_library(fmt, what)
     return _load_hf(_require(path, what), fmt=fmt, dtype=dtype, device=device, what=what,
                     tokenizer_path=tokenizer_path)
 
@@ -241,6 +269,7 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         from .bnb_build import verify_weights_digest
 
         weights_digest = verify_weights_digest(model, path, what)  # before any forward pass can repack them
+    compressed = decompress_compressed_tensors(model, what) if fmt == "compressed-tensors" else None
     audit_finite(model, what)
     model.eval()
     if gguf is not None:  # a GGUF carries its own tokenizer; the evaluator checks it against the reference's
@@ -271,6 +300,8 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         description.update(kernels=["torch (GGUF dequantized)"], gguf_tensor_types=gguf_tensor_types(gguf))
     if fmt == "bnb":
         description["weights_digest"] = "verified against the build record" if weights_digest else "no build record"
+    if compressed is not None:
+        description.update(kernels=[compressed.pop("kernel")], compressed_tensors=compressed)
     if legacy is not None:
         description["legacy_layout"] = "AutoGPTQ (weights file and/or quantize_config.json), GPTQ v1 zero points"
     if tolerated:
@@ -279,6 +310,43 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
 
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
                             backend=TransformersBackend(model, device))
+
+
+def _describe_quantization_args(args) -> str | None:
+    if args is None:
+        return None
+    grouping = f"group {args.group_size}" if args.group_size else str(args.strategy)
+    timing = "dynamic" if args.dynamic else "static"
+    return f"{args.type}{args.num_bits} {grouping}, {'symmetric' if args.symmetric else 'asymmetric'}, {timing}"
+
+
+def decompress_compressed_tensors(model, what: str) -> dict[str, Any]:
+    """Unpack a compressed-tensors checkpoint's weights now, not on the first forward pass.
+
+    transformers leaves the weights packed (int4 in int32, int8, FP8) and compressed-tensors
+    unpacks them in a hook on the first forward; doing it here puts that time in the load time
+    and lets the NaN/Inf audit see the weights the model computes with. Input-activation
+    quantization (W8A8, FP8 dynamic) stays on the modules and runs in torch on every forward.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is None or compressor.quantization_config is None:
+        raise LoadAuditError(f"{what}: declared compressed-tensors, but the checkpoint's config.json has no "
+                             "compressed-tensors quantization_config")
+    config = compressor.quantization_config
+    compressor.decompress_model(model)
+    groups = list(config.config_groups.values())
+    quantized = sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
+    activations = {_describe_quantization_args(g.input_activations) for g in groups} - {None}
+    return {
+        "kernel": "torch (compressed-tensors: weights unpacked at load"
+                  + ("; activations quantized per forward" if activations else "") + ")",
+        "storage_format": config.format,
+        "weights": sorted({_describe_quantization_args(g.weights) for g in groups} - {None}),
+        "input_activations": sorted(activations) or None,
+        "ignored": list(config.ignore or ()),
+        "quantized_modules": quantized,
+    }
 
 
 def release(loaded: LoadedCheckpoint | None) -> None:
