@@ -80,8 +80,8 @@ def test_corrupt_weight_file_is_an_audit_error(tiny_project):
 
 
 def test_unsupported_format_is_named(tiny_project):
-    with pytest.raises(LoadAuditError, match="no loader for format 'compressed-tensors'"):
-        load_checkpoint(tiny_project / "models" / "close", fmt="compressed-tensors", dtype="float32", device="cpu",
+    with pytest.raises(LoadAuditError, match="no loader for format 'exl2'"):
+        load_checkpoint(tiny_project / "models" / "close", fmt="exl2", dtype="float32", device="cpu",
                         what="v")
 
 

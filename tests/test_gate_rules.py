@@ -122,3 +122,66 @@ def test_acceptability_view_puts_measured_ratios_beside_each_row(table):
     text = report.acceptability_markdown(table)
     assert "| GPTQ 4-bit | 1.05-1.10 | Usually | 1.1 | gptq-w4g128 / code: 1.0009 | pass |" in text
     assert "| GGUF Q2_K | 1.15-1.30+ | Problematic | none | not in this run | - |" in text
+
+
+def decide_with_interval(table, value, interval, rule="point", tolerance=0.005):
+    from quantgate.stats import Interval
+
+    bound = choose_bound(table, "gptq", 4, variant_override=None, model_overrides={})
+    return judge(variant="demo/v", corpus="code", value=value, baseline=10.0, bound=bound, reversal_tolerance=tolerance,
+                 tokens=1234, baseline_source="b.json", protocol_line=PROTOCOL_LINE,
+                 ratio_interval=Interval(*interval), rule=rule)
+
+
+def test_a_reversal_is_reported_only_when_its_interval_lies_below_one(table):
+    noisy = decide_with_interval(table, 9.90, (0.97, 1.01))  # 1% below, but the interval reaches 1
+    assert (noisy.outcome, noisy.note) == (PASS, None)
+    real = decide_with_interval(table, 9.90, (0.985, 0.995))
+    assert real.outcome == REVERSAL and "95% interval [0.985, 0.995]" in real.message and "Investigate" in real.message
+    small = decide_with_interval(table, 9.97, (0.9960, 0.9990))  # significant, within the 0.5% tolerance
+    assert small.outcome == PASS and small.note.startswith("significant reversal: 0.30% below FP16")
+    assert "note      : significant reversal" in small.message
+
+
+@pytest.mark.parametrize("rule", ["point", "interval"])
+def test_a_significant_exceedance_fails_under_either_rule(table, rule):
+    j = decide_with_interval(table, 11.2, (1.11, 1.13), rule=rule)
+    assert j.outcome == FAIL
+    assert "exceeds bound 1.1 (significant: the whole 95% interval [1.11, 1.13] is above the bound)" in j.message
+
+
+def test_an_exceedance_within_noise_fails_by_point_estimate_and_passes_by_interval(table):
+    point = decide_with_interval(table, 11.2, (1.08, 1.16), rule="point")
+    assert point.outcome == FAIL and "(within noise: the 95% interval [1.08, 1.16] reaches back over the bound)" in point.message
+    interval = decide_with_interval(table, 11.2, (1.08, 1.16), rule="interval")
+    assert interval.outcome == PASS and "within noise" in interval.note and "exceedance rule: interval" in interval.message
+
+
+@pytest.mark.parametrize("value, interval, rule, outcome, wording", [
+    (0.90, (0.89, 0.91), "point", FAIL, "significant: the whole 95% interval [0.89, 0.91] is below the bound"),
+    (0.94, (0.93, 0.96), "point", FAIL, "within noise"),
+    (0.94, (0.93, 0.96), "interval", PASS, "within noise"),
+    (0.97, (0.96, 0.98), "point", PASS, None),
+])
+def test_top1_agreement_is_bounded_from_below(value, interval, rule, outcome, wording):
+    from quantgate.gate import judge_metric
+    from quantgate.stats import Interval
+
+    j = judge_metric(variant="demo/v", corpus="code", metric="top1 agreement", value=value, interval=Interval(*interval),
+                     bound=0.95, higher_is_better=True, rule=rule, row_text="GPTQ 4-bit", details=[])
+    assert j.outcome == outcome
+    if outcome == FAIL:
+        assert f"top1 agreement {value:g} below the minimum 0.95 ({wording}" in j.message
+    elif wording:
+        assert wording in j.note
+    else:
+        assert j.note is None
+
+
+def test_kl_bound_comes_from_the_row_unless_the_variant_overrides_it(table):
+    from quantgate.thresholds import distribution_bound, find_row
+
+    row = find_row(table, "gptq", 4)
+    assert distribution_bound(row, "max_kl", None).value == row.max_kl
+    assert (distribution_bound(row, "max_kl", 0.5).value, distribution_bound(row, "max_kl", 0.5).source) == (
+        0.5, "manifest variant max_kl")

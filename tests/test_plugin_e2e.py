@@ -46,20 +46,31 @@ def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
     result = run(pytester, "--quality-json", str(tmp_path / "q.json"))
     assert result.ret == 0
-    result.assert_outcomes(passed=4)  # 2 corpora x 1 variant + 2 protocol snapshots
+    result.assert_outcomes(passed=8)  # 2 corpora x 1 variant x 3 metrics + 2 protocol snapshots
     out = result.stdout.str()
     assert "| variant | format | bits | backend | corpus | PPL | FP16 PPL | relative PPL | bound | verdict |" in out
     assert "| tiny/close | fp16 | 16 | transformers | code |" in out
     records = json.loads((tmp_path / "q.json").read_text())["records"]
     assert {(r["variant"], r["corpus"], r["verdict"]) for r in records} == {("close", "code", "pass"),
                                                                            ("close", "prose", "pass")}
+    assert sorted(r["metric"] for r in records) == ["kl_divergence"] * 2 + ["relative_perplexity"] * 2 + [
+        "top1_agreement"] * 2
     for r in records:
         assert r["format"] == "fp16" and r["bits"] == 16 and r["backend"] == "transformers"
+        assert len(r["protocol_fingerprint"]) == 16
+        if r["metric"] != "relative_perplexity":  # KL / top-1: the value with its 95% interval and bound
+            assert r["interval"][0] <= r["value"] <= r["interval"][1] and r["bound"] in (0.05, 0.9)
+            continue
         assert r["value"] > 0 and r["baseline"] > 0 and r["ratio"] == pytest.approx(r["value"] / r["baseline"])
-        assert r["bound"] == 1.05 and len(r["protocol_fingerprint"]) == 16
+        assert r["bound"] == 1.05
         assert 15.9 < r["bits_per_weight"] < 16.5  # an FP16 copy: size on disk x 8 / reference parameters
+        d = r["distribution"]
+        assert d["ppl_ratio_interval"][0] <= d["ppl_ratio"] <= d["ppl_ratio_interval"][1]
+        assert d["kl_kind"] == "lower bound (top-8 + rest)" and d["tokens"] == r["tokens_scored"]
     assert "quantgate summary" in step_summary.read_text()
-    assert (pytester.path / "reports" / "quality-summary.md").read_text().count("tiny/close") == 2
+    summary = (pytester.path / "reports" / "quality-summary.md").read_text()
+    assert summary.count("tiny/close") == 4  # the main table and the distributions table
+    assert "Power: the smallest relative perplexity change" in summary
 
 
 def test_variant_beyond_its_bound_exits_1_with_the_full_message(pytester, tiny_zoo_template):
@@ -71,7 +82,7 @@ def test_variant_beyond_its_bound_exits_1_with_the_full_message(pytester, tiny_z
     for field in ("value     :", "baseline  :", "ratio     :", "bound     : 1.05 (manifest variant max_ratio)",
                   "table row : FP16", "protocol  :"):
         assert field in out
-    result.assert_outcomes(passed=4, failed=2)
+    result.assert_outcomes(passed=8, failed=6)  # worse fails perplexity, KL and top-1
     # with --quality-bisect a real quality failure stays "bad"
     assert run(pytester, "--quality-bisect").ret == 1
 
@@ -98,7 +109,7 @@ max_ratio = 1.05
 """
     make_project(pytester, tiny_zoo_template, variants=variants, extra='table = "table.toml"')
     result = run(pytester, "-rxX")
-    result.assert_outcomes(passed=2, xfailed=2, failed=2)
+    result.assert_outcomes(passed=6, xfailed=6, failed=2)  # uniform: KL / top-1 reported (no bound in this table)
     out = result.stdout.str()
     assert "open-ended (1.15-1.30+)" in out and "xfail (problematic)" in out
     assert "tiny/uniform on code: PERPLEXITY REVERSAL" in out and "REVERSAL" in out
@@ -124,7 +135,7 @@ def test_k_subset_does_not_fail_on_unselected_snapshots(pytester, tiny_zoo_templ
     make_project(pytester, tiny_zoo_template)
     result = run(pytester, "-k", "prose")
     assert result.ret == 0
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=4)  # 3 metrics + the prose protocol snapshot
     assert "unused" not in result.stdout.str()
 
 
@@ -181,7 +192,7 @@ def test_strict_fails_a_run_that_skipped_a_check(pytester, tiny_zoo_template):
     """)
     assert run(pytester).ret == 0
     strict = run(pytester, "--quality-strict")
-    assert strict.ret == 1 and "--quality-strict: 1 quality check(s) skipped" in strict.stdout.str()
+    assert strict.ret == 1 and "--quality-strict: 3 quality check(s) skipped" in strict.stdout.str()
     assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
 
 
@@ -266,7 +277,7 @@ def assert_skipped_as_untestable(pytester, reason):
     """Both perplexity checks skip with `reason`; --quality-strict fails that; bisect exits 125."""
     result = run(pytester, "-rs", "-k", "perplexity")
     assert result.ret == 0
-    result.assert_outcomes(skipped=2)
+    result.assert_outcomes(skipped=6)  # 2 corpora x 3 metrics
     assert reason in result.stdout.str()
     assert run(pytester, "-k", "perplexity", "--quality-strict").ret == 1
     assert run(pytester, "-k", "perplexity", "--quality-bisect").ret == BISECT_SKIP

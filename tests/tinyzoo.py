@@ -125,6 +125,8 @@ format = "fp16"
 bits = 16
 path = "models/close"
 max_ratio = 1.05
+max_kl = 0.05
+min_top1 = 0.9
 """
 
 

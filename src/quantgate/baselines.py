@@ -3,8 +3,9 @@
 Layout: baselines/<model>/<corpus>.<profile>.json and .npz beside it (<corpus>.<profile>.llamacpp.json
 for the llama.cpp backend's reference, the F16 GGUF scored by llama.cpp). The JSON holds the
 summary and its provenance (protocol, environment, git commit, date, reference checkpoint
-hash); the .npz holds the per-token log-probabilities and document starts that paired
-statistics need. Files are only written by `quantgate baseline`, atomically (temp file +
+hash); the .npz holds what paired statistics need: per scored token the log-probability of the
+true token and the reference's top-k next tokens with their log-probabilities (the mass outside
+them is 1 - their sum), plus document starts. Files are only written by `quantgate baseline`, atomically (temp file +
 rename), and read strictly: a corrupt file, a wrong hash or an unknown schema is refused
 with a message that names the file.
 """
@@ -27,9 +28,10 @@ import numpy as np
 from .errors import BaselineFormatError, BaselineMissing
 from .protocol import Protocol, fingerprint_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # What each older schema lacks, and the value it implies: schema 1 predates the protocol's
-# backend field, and every schema-1 baseline was scored by transformers.
+# backend field, and every schema-1 baseline was scored by transformers. Schemas 1 and 2 hold no
+# top-k distributions: perplexity still compares, KL divergence asks for a re-baseline.
 SCHEMA_DEFAULTS = {1: {"backend": "transformers"}}
 KIND = "quantgate-baseline"
 
@@ -46,7 +48,22 @@ class Baseline:
     provenance: dict[str, Any]
     logprobs: np.ndarray  # float32 per scored token, stream order
     doc_starts: np.ndarray  # int64
+    topk_ids: np.ndarray | None = None  # (n, k) the reference's k most likely next tokens, best first
+    topk_logprobs: np.ndarray | None = None  # float32 (n, k) their log-probabilities
     path: Path | None = None
+
+    @property
+    def top_k(self) -> int | None:
+        return None if self.topk_ids is None else int(self.topk_ids.shape[1])
+
+    def require_distributions(self, top_k: int, command: str) -> None:
+        """KL divergence needs the reference's top-k rows, with the k the manifest asks for."""
+        if self.topk_ids is None:
+            raise BaselineMissing(f"{self.path}: this baseline has no top-k distributions (an older schema); "
+                                  f"KL divergence and top-1 agreement need them: {command} --force")
+        if self.top_k != top_k:
+            raise BaselineMissing(f"{self.path}: stores the top {self.top_k} tokens per position, the manifest asks "
+                                  f"for top_k = {top_k}; re-baseline: {command} --force")
 
 
 def baseline_path(baselines_dir: Path, model: str, corpus: str, profile: str, backend: str = "transformers") -> Path:
@@ -105,9 +122,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_baseline(baseline: Baseline, path: Path) -> Path:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, logprobs=baseline.logprobs.astype(np.float32),
-                        doc_starts=baseline.doc_starts.astype(np.int64))
-    arrays = buffer.getvalue()
+    arrays: dict[str, np.ndarray] = {"logprobs": baseline.logprobs.astype(np.float32),
+                                     "doc_starts": baseline.doc_starts.astype(np.int64)}
+    if baseline.topk_ids is not None:
+        small_vocab = baseline.topk_ids.size == 0 or int(baseline.topk_ids.max()) < 2 ** 16
+        arrays["topk_ids"] = baseline.topk_ids.astype(np.uint16 if small_vocab else np.int32)
+        arrays["topk_logprobs"] = baseline.topk_logprobs.astype(np.float32)
+    np.savez_compressed(buffer, **arrays)
+    data = buffer.getvalue()
     arrays_path = path.with_suffix(".npz")
     document = {
         "kind": KIND,
@@ -124,12 +146,15 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
         "protocol": baseline.protocol.as_dict(),
         "environment": baseline.environment,
         "provenance": baseline.provenance,
-        "arrays": {"file": arrays_path.name, "sha256": hashlib.sha256(arrays).hexdigest(),
+        "arrays": {"file": arrays_path.name, "sha256": hashlib.sha256(data).hexdigest(),
                    "logprobs": "float32 log p(token) per scored token, stream order",
-                   "doc_starts": "int64 token index of each document's first token"},
+                   "doc_starts": "int64 token index of each document's first token",
+                   **({"topk_ids": f"uint16/int32 (tokens, {baseline.top_k}) the reference's most likely next tokens",
+                       "topk_logprobs": "float32 their log-probabilities (the rest of the mass: 1 - their sum)",
+                       "top_k": baseline.top_k} if baseline.topk_ids is not None else {})},
     }
     # Arrays first: a JSON that exists always points at complete arrays.
-    _atomic_write(arrays_path, arrays)
+    _atomic_write(arrays_path, data)
     _atomic_write(path, (json.dumps(document, indent=2, sort_keys=False) + "\n").encode())
     baseline.path = path
     return path
@@ -177,15 +202,20 @@ def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Bas
         raise BaselineFormatError(f"{arrays_path}: contents do not match the hash recorded in {path.name}")
     with np.load(io.BytesIO(raw)) as npz:
         logprobs, doc_starts = npz["logprobs"], npz["doc_starts"]
+        topk_ids = npz["topk_ids"].astype(np.int64) if "topk_ids" in npz else None
+        topk_logprobs = npz["topk_logprobs"] if "topk_logprobs" in npz else None
     if logprobs.size != protocol.tokens_scored:
         raise BaselineFormatError(f"{arrays_path}: {logprobs.size} scores for {protocol.tokens_scored} tokens")
+    if (topk_ids is None) != (topk_logprobs is None) or (
+            topk_ids is not None and not (topk_ids.shape == topk_logprobs.shape and len(topk_ids) == logprobs.size)):
+        raise BaselineFormatError(f"{arrays_path}: top-k arrays do not match each other or the {logprobs.size} scores")
     return Baseline(
         model=_field(doc, "model", path, str), corpus=_field(doc, "corpus", path, str),
         profile=_field(doc, "profile", path, str), protocol=protocol,
         perplexity=float(_field(doc, "summary.perplexity", path, (int, float))),
         mean_nll=float(_field(doc, "summary.mean_nll", path, (int, float))),
         environment=_field(doc, "environment", path, dict), provenance=_field(doc, "provenance", path, dict),
-        logprobs=logprobs, doc_starts=doc_starts, path=path,
+        logprobs=logprobs, doc_starts=doc_starts, topk_ids=topk_ids, topk_logprobs=topk_logprobs, path=path,
     )
 
 

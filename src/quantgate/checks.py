@@ -9,10 +9,10 @@ import pytest
 
 from .errors import CannotTest, DeviceUnavailable, QuantgateError
 from .evaluation import Evaluator
-from .gate import FAIL, REVERSAL, XFAIL, judge
+from .gate import FAIL, REVERSAL, XFAIL, judge, judge_metric
 from .protocol import environment_changes
 from .report import Record, RunReport
-from .thresholds import TableRow, choose_bound
+from .thresholds import TableRow, choose_bound, distribution_bound, find_row
 
 
 @dataclass(frozen=True)
@@ -30,27 +30,29 @@ class Gate:
     def __init__(self, evaluator: Evaluator, table: list[TableRow], report: RunReport):
         self.evaluator, self.table, self.report = evaluator, table, report
 
-    def relative_perplexity(self, case: Case) -> None:
-        ev = self.evaluator
-        ref = ev.model(case.model)
-        variant = ev.variant(case.model, case.variant)
-        record = Record(model=case.model, variant=case.variant, corpus=case.corpus, metric="relative_perplexity",
+    def _record(self, case: Case, metric: str) -> tuple[Record, object]:
+        variant = self.evaluator.variant(case.model, case.variant)
+        record = Record(model=case.model, variant=case.variant, corpus=case.corpus, metric=metric,
                         format=variant.format, bits=variant.bits, group_size=variant.group_size, desc_act=variant.desc_act,
                         scheme=variant.scheme, outlier_handling=variant.outlier_handling, calibration=variant.calibration,
-                        backend=variant.backend, verdict="error")
+                        backend=variant.backend, verdict="error", higher_is_better=metric == "top1_agreement")
         self.report.records.append(record)
+        return record, variant
+
+    def _measure(self, case: Case, record: Record):
+        """(baseline, comparison or None, plain measurement or None), as skips/failures that say why."""
+        ev = self.evaluator
         try:
-            bound = choose_bound(self.table, variant.format, variant.bits,
-                                 variant_override=variant.max_ratio, model_overrides=ref.thresholds)
-            record.bound, record.bound_source = bound.value, bound.source
-            record.table_row = bound.row.describe() if bound.row else None
+            variant = ev.variant(case.model, case.variant)
             ev.require_backend(case.model, case.variant)
             baseline = ev.comparable_baseline(case.model, case.corpus, variant.backend)
-            baseline_file = os.path.relpath(baseline.path, ev.manifest.root)
             changes = environment_changes(baseline.environment, ev.environment())
             if changes:
-                self.report.environment_changes[baseline_file] = changes
-            m = ev.measure(case.model, case.variant, case.corpus)
+                self.report.environment_changes[os.path.relpath(baseline.path, ev.manifest.root)] = changes
+            if baseline.topk_ids is None and record.metric == "relative_perplexity":
+                return baseline, None, ev.measure(case.model, case.variant, case.corpus)  # an older baseline schema
+            comparison = ev.compare(case.model, case.variant, case.corpus, baseline)
+            return baseline, comparison, comparison.measurement
         except DeviceUnavailable as exc:  # e.g. a CUDA-only format on a CPU machine
             record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
             pytest.skip(str(exc))
@@ -60,6 +62,21 @@ class Gate:
         except QuantgateError as exc:
             record.detail = str(exc).splitlines()[0]
             raise
+
+    def relative_perplexity(self, case: Case) -> None:
+        ev = self.evaluator
+        ref = ev.model(case.model)
+        record, variant = self._record(case, "relative_perplexity")
+        try:
+            bound = choose_bound(self.table, variant.format, variant.bits,
+                                 variant_override=variant.max_ratio, model_overrides=ref.thresholds)
+        except QuantgateError as exc:
+            record.detail = str(exc).splitlines()[0]
+            raise
+        record.bound, record.bound_source = bound.value, bound.source
+        record.table_row = bound.row.describe() if bound.row else None
+        baseline, comparison, m = self._measure(case, record)
+        stats = comparison.stats if comparison else None
         p = m.protocol
         protocol_line = (f"{p.fingerprint} (corpus {p.corpus} {p.text_sha256[:12]}, max_length {p.max_length}, "
                          f"stride {p.stride}, token_cap {p.token_cap}, {p.backend}, {p.dtype}, {p.device_class}, "
@@ -67,7 +84,8 @@ class Gate:
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
-                  baseline_source=baseline_file, protocol_line=protocol_line)
+                  baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line,
+                  ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
         record.kernels = m.description.get("kernels", [])
@@ -76,7 +94,52 @@ class Gate:
         if record.size_bytes and parameters:
             record.bits_per_weight = round(record.size_bytes * 8 / parameters, 3)
         record.eval_seconds = round(m.seconds, 3)
+        record.note = j.note
+        if stats:
+            record.distribution = stats.as_dict()
+        if j.note:
+            import warnings
+
+            warnings.warn(pytest.PytestWarning(j.message), stacklevel=2)
         if j.outcome in (FAIL, REVERSAL):
+            record.detail = j.message.splitlines()[0]
+            pytest.fail(j.message, pytrace=False)
+        if j.outcome == XFAIL:
+            pytest.xfail(j.message)
+
+    def kl_divergence(self, case: Case) -> None:
+        self._distribution(case, "kl_divergence", "max_kl")
+
+    def top1_agreement(self, case: Case) -> None:
+        self._distribution(case, "top1_agreement", "min_top1")
+
+    def _distribution(self, case: Case, metric: str, table_key: str) -> None:
+        record, variant = self._record(case, metric)
+        row = find_row(self.table, variant.format, variant.bits)
+        bound = distribution_bound(row, table_key, getattr(variant, table_key))
+        record.bound, record.bound_source = bound.value, bound.source
+        record.table_row = row.describe() if row else None
+        baseline, comparison, m = self._measure(case, record)
+        st = comparison.stats
+        if metric == "kl_divergence":
+            value, interval = st.kl_mean, st.kl_interval
+            details = [f"kind      : {st.kl_kind} of the full KL divergence, over {st.tokens:,} tokens",
+                       f"tail      : p99 {st.kl_p99:.4g}, p99.9 {st.kl_p999:.4g}, max {st.kl_max:.4g}",
+                       f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
+        else:
+            value, interval = st.top1, st.top1_interval
+            details = [f"agreement : the variant's most likely next token is FP16's on {st.top1 * 100:.2f}% of "
+                       f"{st.tokens:,} tokens (Wilson interval)",
+                       f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
+        marginal = row is not None and row.acceptable == "Marginal"
+        j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=case.corpus, metric=metric.replace("_", " "),
+                         value=value, interval=interval, bound=bound.value, higher_is_better=metric == "top1_agreement",
+                         rule=self.evaluator.manifest.exceedance,
+                         row_text=f"{row.describe() if row else 'none'} ({bound.source})", details=details,
+                         marginal=marginal, problematic=row is not None and row.acceptable == "Problematic")
+        record.verdict, record.value, record.interval = j.verdict, value, [interval.low, interval.high]
+        record.tokens_scored, record.protocol_fingerprint, record.note = st.tokens, m.protocol.fingerprint, j.note
+        if j.outcome == FAIL:
             record.detail = j.message.splitlines()[0]
             pytest.fail(j.message, pytrace=False)
         if j.outcome == XFAIL:

@@ -65,12 +65,15 @@ def cmd_baseline(args) -> int:
             protocol = ev.protocol(model, corpus, backend=backend)
             try:
                 old = bl.read_baseline(path)
-                same = old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
+                same = (old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
+                        and old.top_k == ev.settings(model).top_k)
                 if same and not args.force:
                     print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
                     continue
                 if not same and not args.force:
-                    diff = "; ".join(protocol.differences(old.protocol)) or "reference checkpoint changed"
+                    diff = "; ".join(protocol.differences(old.protocol)) or (
+                        "reference checkpoint changed" if old.provenance.get("reference_sha256") != reference_sha
+                        else f"top_k {old.top_k} -> {ev.settings(model).top_k}")
                     print(f"{path}: REFUSED, the stored baseline was measured differently ({diff}); "
                           f"pass --force to replace it", file=sys.stderr)
                     refused += 1
@@ -83,7 +86,7 @@ def cmd_baseline(args) -> int:
                     refused += 1
                     continue
             started = time.perf_counter()
-            m = ev.measure(model, REFERENCE, corpus, backend=backend)
+            m = ev.measure(model, REFERENCE, corpus, backend=backend, top_k=ev.settings(model).top_k)
             scored = {}
             if backend != "transformers":
                 from .zoo import reference_gguf
@@ -97,7 +100,8 @@ def cmd_baseline(args) -> int:
                             "reference_path": os.path.relpath(manifest.models[model].path, manifest.root),
                             "reference_sha256": reference_sha, "backend": m.description.get("backend"),
                             **scored, "eval_seconds": round(m.seconds, 2)},
-                logprobs=m.scores.logprobs, doc_starts=m.doc_starts)
+                logprobs=m.scores.logprobs, doc_starts=m.doc_starts,
+                topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs)
             bl.write_baseline(baseline, path)
             print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
                   f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import baselines as bl
 from .checkpoints.loading import LoadedCheckpoint, load_checkpoint, load_tokenizer, release
 from .corpus import Corpus, TokenizedCorpus, load_corpus, tokenize
@@ -19,6 +21,7 @@ from .errors import DeviceUnavailable, ProtocolMismatch, TokenizerMismatch
 from .manifest import Manifest, ProtocolSettings, ReferenceModel, Variant, protocol_settings
 from .perplexity import TokenScores, count_scored
 from .protocol import SCORING_RULE, Protocol, device_class, environment
+from .stats import PairedComparison
 
 REFERENCE = None  # variant name used for the FP16 reference itself
 
@@ -56,6 +59,12 @@ class Measurement:
 
 
 @dataclass
+class Comparison:
+    measurement: Measurement
+    stats: PairedComparison
+
+
+@dataclass
 class Evaluator:
     manifest: Manifest
     profile: str
@@ -66,6 +75,7 @@ class Evaluator:
     _resident: tuple[tuple[str, str | None], LoadedCheckpoint] | None = None
     _reference_sha: dict[str, str] = field(default_factory=dict)
     _reference_params: dict[str, int | None] = field(default_factory=dict)
+    _comparisons: dict[tuple, Comparison] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -220,7 +230,8 @@ class Evaluator:
             release(self._resident[1])
             self._resident = None
 
-    def measure(self, model: str, variant: str | None, corpus: str, backend: str | None = None) -> Measurement:
+    def measure(self, model: str, variant: str | None, corpus: str, backend: str | None = None, *,
+                top_k: int = 0, gather_ids=None) -> Measurement:
         backend_name = backend or self.backend_of(model, variant)
         settings = self.settings(model)
         protocol = self.protocol(model, corpus, backend=backend_name)
@@ -231,11 +242,34 @@ class Evaluator:
         backend = loaded.backend
         started = time.perf_counter()
         scores = backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
-                                               stride=settings.stride, batch_size=settings.batch_size)
+                                               stride=settings.stride, batch_size=settings.batch_size,
+                                               top_k=top_k, gather_ids=gather_ids)
         seconds = time.perf_counter() - started
         return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
                            doc_starts=reference_tokens.doc_starts,
                            description={**loaded.description, **backend.describe()}, seconds=seconds)
+
+    def compare(self, model: str, variant: str, corpus: str, baseline: bl.Baseline) -> Comparison:
+        """Measure a variant at the baseline's top-k ids and compare it with the baseline, paired by token.
+
+        Cached per (model, variant, corpus, profile): the perplexity, KL and top-1 checks of one case
+        share one scoring pass."""
+        key = (model, variant, corpus, self.profile)
+        if key in self._comparisons:
+            return self._comparisons[key]
+        from .divergence import kl_bound_from_baseline
+        from .stats import compare
+
+        top_k = self.settings(model).top_k
+        baseline.require_distributions(top_k, self.baseline_command(model, corpus, self.backend_of(model, variant)))
+        m = self.measure(model, variant, corpus, gather_ids=baseline.topk_ids)
+        ref_target = baseline.logprobs.astype(np.float64)
+        stats = compare(ref_target=ref_target, var_target=m.scores.logprobs,
+                        kl=kl_bound_from_baseline(baseline.topk_logprobs, m.scores.gathered),
+                        same_top1=m.scores.argmax == baseline.topk_ids[:, 0], block_sizes=m.scores.block_sizes,
+                        kl_kind=f"lower bound (top-{top_k} + rest)", top_k=top_k)
+        self._comparisons[key] = Comparison(measurement=m, stats=stats)
+        return self._comparisons[key]
 
     def _check_tokenizer(self, model, variant, corpus, loaded, settings, reference_tokens) -> None:
         """The variant must give the reference's token ids the reference's meaning."""

@@ -1,22 +1,34 @@
-"""The decision: a variant's relative perplexity against its bound, and why, in words.
+"""The decisions: a variant's metrics against their bounds, and why, in words.
 
 Outcomes
-- pass      ratio <= bound (a Marginal row is marked as such in the summary);
-- fail      ratio > bound;
+- pass      within the bound (a Marginal row is marked as such in the summary);
+- fail      beyond the bound, under the declared exceedance rule (below);
 - xfail     the row is open-ended (Problematic, "1.30+") and the manifest gives no bound:
             expected to be bad, numbers still reported;
-- reversal  the variant is *better* than FP16 by more than the reversal tolerance: not a
-            win but a sign of a protocol, calibration or outlier-handling effect to
-            investigate (seed 001). It fails the test so that someone looks.
+- reversal  the variant's perplexity is *significantly* below FP16's (the whole 95% interval of
+            the ratio lies below 1) by more than the reversal tolerance: not a win but a sign of a
+            protocol, calibration or outlier-handling effect to investigate (seed 001). It fails
+            so that someone looks. A significant reversal within the tolerance passes with a
+            note; a ratio below 1 whose interval reaches 1 is noise and is not reported.
+
+Exceedance rule (`[quantgate] exceedance` in the manifest):
+- "point" (default): a metric fails when its point estimate is beyond the bound. The message
+  says whether that is significant (the whole 95% interval is beyond the bound) or within
+  noise (the interval reaches back over the bound). On CPU every number is deterministic, so
+  the same commit always gets the same verdict; "within noise" says more tokens would settle it.
+- "interval": a metric fails only when the whole interval is beyond the bound; a point
+  estimate beyond it whose interval is not passes, with a note.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .stats import Interval
 from .thresholds import Bound
 
 PASS, FAIL, XFAIL, REVERSAL = "pass", "fail", "xfail", "reversal"
+EXCEEDANCE_RULES = ("point", "interval")
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,7 @@ class Judgement:
     bound: float | None
     marginal: bool
     message: str
+    note: str | None = None  # reported, not failing: a small significant reversal, a noisy exceedance
 
     @property
     def verdict(self) -> str:
@@ -34,35 +47,110 @@ class Judgement:
         return {PASS: "pass", FAIL: "FAIL", XFAIL: "xfail (problematic)", REVERSAL: "REVERSAL"}[self.outcome]
 
 
+def exceedance(value: float, interval: Interval | None, bound: float, *, higher_is_better: bool) -> tuple[bool, bool]:
+    """(point estimate beyond the bound, whole interval beyond it)."""
+    if higher_is_better:
+        return value < bound, interval is not None and interval.high < bound
+    return value > bound, interval is not None and interval.low > bound
+
+
+def decide_exceedance(value: float, interval: Interval | None, bound: float, *, higher_is_better: bool,
+                      rule: str) -> tuple[bool, str | None]:
+    """(fails, significance wording) under the declared rule; wording is None when within the bound."""
+    if rule not in EXCEEDANCE_RULES:
+        raise ValueError(f"exceedance rule {rule!r} is not one of {EXCEEDANCE_RULES}")
+    beyond, significant = exceedance(value, interval, bound, higher_is_better=higher_is_better)
+    if not beyond:
+        return False, None
+    if interval is None:
+        return True, "no interval available (point estimate rule)"
+    side = "below" if higher_is_better else "above"
+    if significant:
+        return True, f"significant: the whole 95% interval {interval} is {side} the bound"
+    wording = f"within noise: the 95% interval {interval} reaches back over the bound"
+    return rule == "point", wording
+
+
 def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bound,
-          reversal_tolerance: float, tokens: int, baseline_source: str, protocol_line: str) -> Judgement:
+          reversal_tolerance: float, tokens: int, baseline_source: str, protocol_line: str,
+          ratio_interval: Interval | None = None, rule: str = "point") -> Judgement:
     ratio = value / baseline
     row = bound.row
     marginal = row is not None and row.acceptable == "Marginal"
-    if ratio < 1.0 - reversal_tolerance:
+    note = None
+    # Without an interval (no paired scores) the old rule applies: the tolerance alone decides.
+    significant_reversal = ratio < 1.0 if ratio_interval is None else ratio_interval.high < 1.0
+    interval_text = "" if ratio_interval is None else f", 95% interval {ratio_interval}"
+    reversal_advice = ("Investigate before trusting it: same protocol on both sides? outlier handling? "
+                       "calibration data overlapping the evaluation text?")
+    if significant_reversal and ratio < 1.0 - reversal_tolerance:
         outcome = REVERSAL
         headline = (f"{variant} on {corpus}: PERPLEXITY REVERSAL, the quantized model scores "
-                    f"{(1 - ratio) * 100:.2f}% below FP16 (tolerance {reversal_tolerance * 100:.2f}%). "
-                    f"Investigate before trusting it: same protocol on both sides? outlier handling? "
-                    f"calibration data overlapping the evaluation text?")
+                    f"{(1 - ratio) * 100:.2f}% below FP16{interval_text} (tolerance {reversal_tolerance * 100:.2f}%). "
+                    + reversal_advice)
     elif bound.value is None:
         outcome = XFAIL
-        headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f}; the table row is "
+        headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f}{interval_text}; the table row is "
                     f"open-ended ({row.expected if row else '?'}), so this variant is expected to fail")
-    elif ratio > bound.value:
-        outcome = FAIL
-        headline = f"{variant} on {corpus}: relative perplexity {ratio:.4f} exceeds bound {bound.value:.4g}"
     else:
-        outcome = PASS
-        headline = f"{variant} on {corpus}: relative perplexity {ratio:.4f} within bound {bound.value:.4g}"
+        fails, wording = decide_exceedance(ratio, ratio_interval, bound.value, higher_is_better=False, rule=rule)
+        if fails:
+            outcome = FAIL
+            headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f} exceeds bound {bound.value:.4g} "
+                        f"({wording})")
+        else:
+            outcome = PASS
+            headline = f"{variant} on {corpus}: relative perplexity {ratio:.4f} within bound {bound.value:.4g}"
+            if wording:
+                note = f"point estimate beyond the bound, {wording}; passes under the interval rule"
+    if outcome == PASS and significant_reversal and ratio_interval is not None:
+        note = (f"significant reversal: {(1 - ratio) * 100:.2f}% below FP16{interval_text}, within the "
+                f"{reversal_tolerance * 100:.2f}% tolerance. " + reversal_advice)
     bound_text = "none (open-ended row)" if bound.value is None else f"{bound.value:.4g} ({bound.source})"
     message = "\n".join([
         headline,
         f"  value     : {value:.4f} (perplexity of {variant}, {tokens:,} tokens scored)",
         f"  baseline  : {baseline:.4f} (FP16, {baseline_source})",
-        f"  ratio     : {ratio:.4f}",
-        f"  bound     : {bound_text}",
+        f"  ratio     : {ratio:.4f}{interval_text}",
+        f"  bound     : {bound_text} (exceedance rule: {rule})",
         f"  table row : {row.describe() if row else 'none'}",
         f"  protocol  : {protocol_line}",
+        *([f"  note      : {note}"] if note else []),
     ])
-    return Judgement(outcome=outcome, ratio=ratio, bound=bound.value, marginal=marginal, message=message)
+    return Judgement(outcome=outcome, ratio=ratio, bound=bound.value, marginal=marginal, message=message, note=note)
+
+
+def judge_metric(*, variant: str, corpus: str, metric: str, value: float, interval: Interval | None,
+                 bound: float | None, higher_is_better: bool, rule: str, row_text: str, details: list[str],
+                 marginal: bool = False, problematic: bool = False) -> Judgement:
+    """KL divergence (lower is better) or top-1 agreement (higher is better) against its bound."""
+    interval_text = "" if interval is None else f", 95% interval {interval}"
+    note = None
+    if bound is None and problematic:
+        outcome = XFAIL
+        headline = (f"{variant} on {corpus}: {metric} {value:.6g}{interval_text}; the row is Problematic and has no "
+                    "bound, so this variant is expected to fail")
+    elif bound is None:
+        outcome = PASS
+        headline = f"{variant} on {corpus}: {metric} {value:.6g}{interval_text}; reported, not gated (no bound set)"
+        note = "no bound set in the acceptability table or the manifest"
+    else:
+        fails, wording = decide_exceedance(value, interval, bound, higher_is_better=higher_is_better, rule=rule)
+        relation = "below the minimum" if higher_is_better else "exceeds the bound"
+        if fails:
+            outcome = FAIL
+            headline = f"{variant} on {corpus}: {metric} {value:.6g} {relation} {bound:.6g} ({wording})"
+        else:
+            outcome = PASS
+            headline = f"{variant} on {corpus}: {metric} {value:.6g} within {bound:.6g}"
+            if wording:
+                note = f"point estimate beyond the bound, {wording}; passes under the interval rule"
+    message = "\n".join([
+        headline,
+        f"  value     : {value:.6g}{interval_text}",
+        f"  bound     : {'none' if bound is None else format(bound, '.6g')} (exceedance rule: {rule})",
+        f"  table row : {row_text}",
+        *[f"  {d}" for d in details],
+        *([f"  note      : {note}"] if note else []),
+    ])
+    return Judgement(outcome=outcome, ratio=value, bound=bound, marginal=marginal, message=message, note=note)

@@ -34,6 +34,9 @@ class ProtocolSettings:
     batch_size: int = 8
     add_bos: bool = False
     token_cap: int | None = None
+    # Reference log-probs kept per scored token for KL divergence; not part of the protocol
+    # (perplexity does not depend on it): the baseline records it and a change is refused there.
+    top_k: int = 8
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Variant:
     max_ratio: float | None = None
     reversal_tolerance: float | None = None
     backend: str = "transformers"
+    max_kl: float | None = None  # overrides of the table's KL divergence / top-1 agreement bounds
+    min_top1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Manifest:
     models: dict[str, ReferenceModel]
     corpora: dict[str, CorpusSpec]
     table: Path | None = None  # acceptability table; None: the one shipped with quantgate
+    exceedance: str = "point"  # "point" | "interval": when a metric beyond its bound fails (gate.py)
 
     def profile_names(self) -> list[str]:
         names = {self.default_profile}
@@ -146,7 +152,7 @@ def _positive(file: Path, key: str, value: int | None) -> None:
 
 
 _PROTOCOL_KINDS = {"max_length": int, "stride": int, "batch_size": int, "token_cap": int,
-                   "add_bos": bool, "dtype": str}
+                   "add_bos": bool, "dtype": str, "top_k": int}
 
 
 def _protocol_overrides(t: _Table) -> dict[str, Any]:
@@ -215,6 +221,8 @@ def _variant(t: _Table, root: Path) -> Variant:
         max_ratio=t.take("max_ratio", (int, float), None),
         reversal_tolerance=t.take("reversal_tolerance", (int, float), None),
         backend=t.take("backend", str, "transformers", choices=BACKENDS),
+        max_kl=t.take("max_kl", (int, float), None),
+        min_top1=t.take("min_top1", (int, float), None),
     )
     t.done()
     if variant.backend == "llama.cpp" and variant.format != "gguf":
@@ -242,6 +250,7 @@ def load_manifest(path: str | Path) -> Manifest:
     default_profile = settings.take("default_profile", str, "default")
     reversal_tolerance = settings.take("reversal_tolerance", (int, float), 0.005)
     table = settings.take("table", str, None)
+    exceedance = settings.take("exceedance", str, "point", choices=("point", "interval"))
     settings.done()
 
     global_base, global_profiles = _protocol_table(top.table("protocol"))
@@ -285,7 +294,7 @@ def load_manifest(path: str | Path) -> Manifest:
     top.done()
     if not models:
         raise ManifestError(path, "models", "declares no reference model")
-    manifest = Manifest(path=path, root=root, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
+    manifest = Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
                         default_profile=default_profile, models=models, corpora=corpora,
                         table=root / table if table else None)
     return manifest

@@ -60,12 +60,15 @@ def count_scored(n_tokens: int, max_length: int, stride: int) -> int:
 
 @dataclass(frozen=True)
 class TokenScores:
-    """Log-probability of each scored target token, in stream order."""
+    """Log-probability of each scored target token, in stream order, and what else was asked for."""
 
     positions: np.ndarray  # int64, absolute index of the target token in the stream
     logprobs: np.ndarray  # float64, log p(token | context)
+    argmax: np.ndarray | None = None  # int64: the model's most likely next token
     topk_ids: np.ndarray | None = None  # int64 (n, k): the k most likely next tokens, best first
     topk_logprobs: np.ndarray | None = None  # float32 (n, k): their log-probabilities
+    gathered: np.ndarray | None = None  # float32 (n, k): log-probs at ids the caller chose (the reference's top k)
+    block_sizes: np.ndarray | None = None  # int64: scored targets per window, in order (bootstrap blocks)
 
     @property
     def n(self) -> int:

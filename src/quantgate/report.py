@@ -39,6 +39,9 @@ class Record:
     load_seconds: float | None = None
     eval_seconds: float | None = None
     detail: str | None = None
+    note: str | None = None  # reported without failing: a small significant reversal, a noisy exceedance
+    interval: list[float] | None = None  # 95% interval of `value` (KL / top-1 records)
+    distribution: dict[str, Any] | None = None  # paired statistics against FP16 (stats.PairedComparison)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RunReport:
                 num(None if r.size_bytes is None else r.size_bytes / 1e6, ".1f"), num(r.bits_per_weight, ".2f"),
             ]) + " |")
         lines += self._backends_side_by_side()
+        lines += self._distributions()
         methods = {(r.model, r.variant): r for r in self.records if r.scheme or r.calibration or r.outlier_handling}
         if methods:
             lines += ["", "| variant | scheme | group size | desc_act | outlier handling | calibration |", "|---|---|---|---|---|---|"]
@@ -89,6 +93,52 @@ class RunReport:
             for where, changes in self.environment_changes.items():
                 lines.append(f"- `{where}`: " + "; ".join(changes))
         return "\n".join(lines) + "\n"
+
+    def _distributions(self) -> list[str]:
+        """Paired statistics against FP16 per (variant, corpus), the KL / top-1 verdicts, and the gate's power."""
+        rows = [r for r in self.records if r.metric == "relative_perplexity" and r.distribution]
+        if not rows:
+            return []
+        verdicts = {(r.model, r.variant, r.corpus, r.metric): r.verdict for r in self.records}
+        kind = rows[0].distribution.get("kl_kind", "")
+        lines = ["", f"Next-token distributions against FP16 (95% intervals; KL divergence: {kind}, a lower bound "
+                 "of the full KL; top-1: share of tokens whose most likely next token is FP16's):", "",
+                 "| variant | backend | corpus | relative PPL [95% CI] | mean KL [95% CI] | KL p99 / p99.9 | "
+                 "top-1 [95% CI] | mean Δp | KL verdict | top-1 verdict | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            d = r.distribution
+            lo, hi = d["ppl_ratio_interval"]
+            klo, khi = d["kl_interval"]
+            tlo, thi = d["top1_interval"]
+            lines.append(
+                f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {d['ppl_ratio']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                f"{d['kl_mean']:.5f} [{klo:.5f}, {khi:.5f}] | {d['kl_p99']:.4f} / {d['kl_p999']:.4f} | "
+                f"{d['top1']:.4f} [{tlo:.4f}, {thi:.4f}] | {d['delta_p']['mean'] * 100:+.3f}% | "
+                f"{verdicts.get((r.model, r.variant, r.corpus, 'kl_divergence'), '-')} | "
+                f"{verdicts.get((r.model, r.variant, r.corpus, 'top1_agreement'), '-')} | "
+                f"{(r.note or '').split('. ')[0].replace('|', '/') or '-'} |")
+        floor = [r for r in rows if r.format == "bf16"]
+        if floor:
+            lines += ["", "Noise floor (a BF16 copy of the FP16 reference, no quantization): " + "; ".join(
+                f"{r.corpus}: KL {r.distribution['kl_mean']:.2e}, top-1 {r.distribution['top1']:.4f}, "
+                f"relative PPL {r.distribution['ppl_ratio']:.4f}" for r in floor)
+                + ". Differences of this size say nothing about quantization."]
+        lines += ["", "Power: the smallest relative perplexity change this run can detect (two-sided 5%, 80% power), "
+                  "from the median paired standard error of log(ratio) over its variants:", ""]
+        from .stats import detectable_ratio_change
+
+        groups: dict[tuple, list[Record]] = {}
+        for r in rows:
+            groups.setdefault((r.backend, r.corpus, r.protocol_fingerprint), []).append(r)
+        for (backend, corpus, fingerprint), members in groups.items():
+            ses = sorted(m.distribution["ppl_ratio_se_log"] for m in members)
+            se = ses[len(ses) // 2]
+            d = members[0].distribution
+            lines.append(f"- {corpus} ({backend}, protocol {fingerprint}): {d['tokens']:,} tokens in {d['blocks']} "
+                         f"windows; detectable change {detectable_ratio_change(se) * 100:.2f}% "
+                         f"(paired SE of log ratio {se:.2e}, median of {len(members)} variants)")
+        return lines
 
     def _backends_side_by_side(self) -> list[str]:
         """The same file scored by several backends (GGUF: dequantized by transformers and by llama.cpp)."""

@@ -26,6 +26,8 @@ class TableRow:
     low: float
     high: float | None  # None: open-ended range, no bound
     acceptable: str
+    max_kl: float | None = None  # mean KL divergence (lower bound, top-k + rest) to FP16
+    min_top1: float | None = None  # share of tokens whose most likely next token is FP16's
 
     def describe(self) -> str:
         return f"{self.label}, expected {self.expected}, acceptable: {self.acceptable}"
@@ -46,7 +48,9 @@ def load_table(path: Path | None = None) -> list[TableRow]:
         try:
             row = TableRow(label=raw["label"], format=raw["format"], bits=int(raw["bits"]),
                            expected=raw["expected"], low=float(raw["low"]),
-                           high=float(raw["high"]) if "high" in raw else None, acceptable=raw["acceptable"])
+                           high=float(raw["high"]) if "high" in raw else None, acceptable=raw["acceptable"],
+                           max_kl=float(raw["max_kl"]) if "max_kl" in raw else None,
+                           min_top1=float(raw["min_top1"]) if "min_top1" in raw else None)
         except KeyError as exc:
             raise QuantgateError(f"{where}: row {i} lacks {exc}") from None
         if row.acceptable not in VERDICTS:
@@ -76,3 +80,10 @@ def choose_bound(rows: list[TableRow], fmt: str, bits: int, *, variant_override:
             f"the acceptability table has no row for format {fmt!r} at {bits} bits; "
             f"give the variant a max_ratio in quantgate.toml")
     return Bound(row.high, "acceptability table", row)
+
+
+def distribution_bound(row: TableRow | None, metric: str, variant_override: float | None) -> Bound:
+    """The KL divergence ("max_kl") or top-1 agreement ("min_top1") bound: variant override, then table row."""
+    if variant_override is not None:
+        return Bound(float(variant_override), f"manifest variant {metric}", row)
+    return Bound(None if row is None else getattr(row, metric), "acceptability table", row)

@@ -19,8 +19,10 @@ from .checkpoints.gguf_build import QUANT_FTYPES as QUANT_TYPES
 from .errors import BackendUnavailable, ManifestError, QuantgateError
 from .manifest import Manifest, ReferenceModel, Variant
 
-BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python", "bitsandbytes": "bitsandbytes"}  # -> package
-BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp", "bitsandbytes": "bnb"}
+BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python", "bitsandbytes": "bitsandbytes",
+            "transformers": "transformers"}  # -> package
+BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp", "bitsandbytes": "bnb", "transformers": "eval"}
+CAST_DTYPES = ("bfloat16", "float16", "float32")
 RECIPE_FILE = "quantgate-recipe.json"
 GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion changes
 
@@ -80,6 +82,11 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
                                 "builder bitsandbytes makes bnb variants of 8 or 4 bits")
         identity["storage_dtype"] = "float16"  # see bnb_build.build_bnb
+    elif builder == "transformers":  # a dtype copy of the reference (the noise floor)
+        if recipe.get("dtype") not in CAST_DTYPES or variant.format not in ("bf16", "fp16", "fp32"):
+            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
+                                f"builder transformers casts the reference to dtype one of {', '.join(CAST_DTYPES)} "
+                                "(format bf16, fp16 or fp32)")
     else:  # llama.cpp quantizes the F16 GGUF that gguf-py writes from the reference
         if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
@@ -165,6 +172,13 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         out.mkdir(parents=True)
         record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
         record.update(identity=identity, f16_gguf=str(f16))
+        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return record
+    if variant.recipe.get("builder") == "transformers":
+        from .checkpoints.cast_build import build_cast
+
+        record = build_cast(ref.path, out, dtype=variant.recipe["dtype"])
+        record.update(identity=identity)
         (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         return record
     if variant.format == "bnb":

@@ -1,14 +1,16 @@
 """The scoring interface, in the spirit of lm-evaluation-harness's `LM`.
 
+A backend yields the full next-token log-probability rows of the scored targets
+(`iter_logprobs`); everything else is derived here, once for every backend:
 `loglikelihood_rolling` scores a whole token stream with sliding windows and returns the
-log-probability of every scored token (kept for paired statistics). Generation and top-k
-distributions come later behind the same class.
+log-probability of every scored token, the model's own top token, and on request its top-k
+distribution or its log-probabilities at token ids chosen by the caller (the reference's top k).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -16,40 +18,66 @@ from ..errors import NonFiniteScores
 from ..perplexity import TokenScores, Window, plan_windows, scored_positions
 
 
-def collect_scores(logprobs: list, top_ids: list, top_logprobs: list, top_k: int):
-    """Join per-window pieces into what `score_windows` returns."""
-    joined = np.concatenate(logprobs) if logprobs else np.zeros(0)
-    if not top_k:
-        return joined, None, None
-    if not top_ids:
-        return joined, np.zeros((0, top_k), np.int64), np.zeros((0, top_k), np.float32)
-    return joined, np.concatenate(top_ids), np.concatenate(top_logprobs)
-
-
 class ScoringBackend(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int,
-                      top_k: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """For t in [w.score_from, w.end), windows in order, concatenated:
-        log p(ids[t] | ids[w.begin:t]) and, if top_k > 0, the ids and log-probs of the top_k next tokens."""
+    def iter_logprobs(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int) -> Iterator:
+        """torch tensors (rows, vocab) of log p(. | ids[w.begin:t]) for t in [w.score_from, w.end),
+        windows in order, yielded in pieces that together cover every scored target once."""
 
     def describe(self) -> dict:
         return {"backend": self.name}
 
-    def loglikelihood_rolling(self, ids: np.ndarray, *, max_length: int, stride: int,
-                              batch_size: int, top_k: int = 0) -> TokenScores:
+    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int, *, top_k: int = 0,
+                      gather_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per scored target: `logprobs` (of the true token), `argmax`; with top_k, `topk_ids` and
+        `topk_logprobs` (best first); with gather_ids (n, k), `gathered` (log-probs at those ids)."""
+        import torch
+
+        targets = torch.as_tensor(np.asarray(ids, dtype=np.int64)[scored_positions(list(windows))])
+        gather = None if gather_ids is None else torch.as_tensor(np.asarray(gather_ids, dtype=np.int64))
+        pieces: dict[str, list] = {"logprobs": [], "argmax": []}
+        row = 0
+        for dist in self.iter_logprobs(ids, windows, batch_size):
+            n = dist.shape[0]
+            pieces["logprobs"].append(dist.gather(1, targets[row:row + n, None]).squeeze(1).double())
+            pieces["argmax"].append(dist.argmax(dim=1))
+            if top_k:
+                values, indices = dist.topk(top_k, dim=1)
+                pieces.setdefault("topk_ids", []).append(indices)
+                pieces.setdefault("topk_logprobs", []).append(values.float())
+            if gather is not None:
+                pieces.setdefault("gathered", []).append(dist.gather(1, gather[row:row + n]).float())
+            row += n
+        if row != len(targets):
+            raise RuntimeError(f"{self.name}: {row} scores for {len(targets)} targets")
+        empty = {"logprobs": np.zeros(0), "argmax": np.zeros(0, np.int64),
+                 "topk_ids": np.zeros((0, top_k), np.int64), "topk_logprobs": np.zeros((0, top_k), np.float32),
+                 "gathered": np.zeros((0, 0 if gather is None else gather.shape[1]), np.float32)}
+        out = {k: torch.cat(v).numpy() if v else empty[k] for k, v in pieces.items()}
+        if top_k and "topk_ids" not in out:
+            out["topk_ids"], out["topk_logprobs"] = empty["topk_ids"], empty["topk_logprobs"]
+        if gather is not None and "gathered" not in out:
+            out["gathered"] = empty["gathered"]
+        return out
+
+    def loglikelihood_rolling(self, ids: np.ndarray, *, max_length: int, stride: int, batch_size: int,
+                              top_k: int = 0, gather_ids: np.ndarray | None = None) -> TokenScores:
         windows = plan_windows(len(ids), max_length, stride)
-        logprobs, topk_ids, topk_logprobs = self.score_windows(ids, windows, batch_size, top_k)
-        logprobs = np.asarray(logprobs, dtype=np.float64)
         positions = scored_positions(windows)
-        if logprobs.shape != positions.shape:
-            raise RuntimeError(f"{self.name}: {logprobs.size} scores for {positions.size} targets")
-        bad = ~np.isfinite(logprobs)
-        if bad.any():
-            first = int(positions[bad][0])
-            raise NonFiniteScores(
-                f"{self.name} produced {int(bad.sum())} non-finite log-probabilities "
-                f"(first at token {first}): the model or its kernels are broken")
-        return TokenScores(positions=positions, logprobs=logprobs, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        if gather_ids is not None and len(gather_ids) != len(positions):
+            raise ValueError(f"gather_ids has {len(gather_ids)} rows for {len(positions)} scored targets")
+        got = self.score_windows(ids, windows, batch_size, top_k=top_k, gather_ids=gather_ids)
+        logprobs = np.asarray(got["logprobs"], dtype=np.float64)
+        for name in ("logprobs", "gathered"):
+            values = got.get(name)
+            bad = None if values is None else ~np.isfinite(values).reshape(len(positions), -1).all(axis=1)
+            if bad is not None and bad.any():
+                first = int(positions[bad][0])
+                raise NonFiniteScores(
+                    f"{self.name} produced {int(bad.sum())} non-finite log-probabilities "
+                    f"(first at token {first}): the model or its kernels are broken")
+        return TokenScores(positions=positions, logprobs=logprobs, argmax=got["argmax"].astype(np.int64),
+                           topk_ids=got.get("topk_ids"), topk_logprobs=got.get("topk_logprobs"),
+                           gathered=got.get("gathered"), block_sizes=np.array([w.n_scored for w in windows], np.int64))

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ..perplexity import Window
-from .base import ScoringBackend, collect_scores
+from .base import ScoringBackend
 
 
 def llama_cpp_available() -> bool:
@@ -121,23 +121,14 @@ class LlamaCppBackend(ScoringBackend):
         # Outputs come back in the order of the flagged tokens; copy before the next decode reuses the buffer.
         return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, self.n_vocab)).copy()
 
-    def score_windows(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int, top_k: int = 0):
+    def iter_logprobs(self, ids: np.ndarray, windows: Sequence[Window], batch_size: int):
+        import torch
+
         # batch_size is ignored: one window per decode already fills the threads on CPU.
         ids = np.asarray(ids, dtype=np.int64)
-        out, top_ids, top_lp = [], [], []
         for w in windows:
-            logits = self._window_logits(ids[w.begin:w.end], w.score_from - 1 - w.begin).astype(np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            dist = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            targets = ids[w.score_from:w.end]
-            out.append(dist[np.arange(len(targets)), targets])
-            if top_k:
-                part = np.argpartition(-dist, top_k - 1, axis=1)[:, :top_k]
-                order = np.argsort(-np.take_along_axis(dist, part, axis=1), axis=1, kind="stable")
-                best = np.take_along_axis(part, order, axis=1)
-                top_ids.append(best.astype(np.int64))
-                top_lp.append(np.take_along_axis(dist, best, axis=1).astype(np.float32))
-        return collect_scores(out, top_ids, top_lp, top_k)
+            logits = torch.from_numpy(self._window_logits(ids[w.begin:w.end], w.score_from - 1 - w.begin))
+            yield torch.log_softmax(logits.double(), dim=-1)
 
     def _free_context(self):
         if self._ctx is not None:

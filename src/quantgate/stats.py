@@ -1,0 +1,180 @@
+"""Paired comparisons of a variant's next-token distributions with the FP16 reference's.
+
+Pure functions over per-token arrays (numpy only). The reference keeps, per scored token, its
+top-k log-probabilities and the log of the mass outside them; the variant is scored at the same
+k token ids. KL divergence over those k tokens plus one "rest" bucket is a coarse-graining of
+the full distributions, so by the data-processing inequality it is a LOWER BOUND of the full KL
+divergence; it is reported as such.
+
+Intervals are 95%. Per-token values are correlated within a passage, so means get a block
+bootstrap whose blocks are the scoring windows (each scored token belongs to one window), with
+a fixed seed: the same inputs give the same interval on every run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20261122
+# Two-sided 5% test with 80% power: the smallest true change that is detected 4 times in 5.
+Z_POWER = Z95 + 0.8416212335729143
+REST_FLOOR_LOG = math.log(1e-6)
+VARIANT_REST_FLOOR_LOG = math.log(1e-7)
+
+
+def rest_logprob(topk_logprobs: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(top-k log-probs))) per row, in float64; -inf when the top k hold all the mass."""
+    mass = np.exp(np.asarray(topk_logprobs, dtype=np.float64)).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.log1p(-np.minimum(mass, 1.0))
+
+
+def kl_topk_rest(ref_topk: np.ndarray, ref_rest: np.ndarray, var_at_ref: np.ndarray,
+                 var_rest: np.ndarray) -> np.ndarray:
+    """Per-token KL(reference || variant) over the reference's top-k tokens plus the rest bucket.
+
+    ref_topk, var_at_ref: (n, k) log-probs of the same token ids under each model;
+    ref_rest, var_rest: (n,) log of the mass outside those ids. A lower bound of the full KL.
+    """
+    p = np.asarray(ref_topk, dtype=np.float64)
+    q = np.asarray(var_at_ref, dtype=np.float64)
+    pr = np.asarray(ref_rest, dtype=np.float64)
+    qr = np.asarray(var_rest, dtype=np.float64)
+    kl = (np.exp(p) * (p - q)).sum(axis=1)
+    # float32 log-probs resolve the top-k's total mass to about 1e-7: a reference rest below 1e-6 is
+    # rounding, not mass (the bucket is dropped); a variant rest is floored at 1e-7 for the same reason.
+    has_rest = pr > REST_FLOOR_LOG
+    kl[has_rest] += np.exp(pr[has_rest]) * (pr[has_rest] - np.maximum(qr[has_rest], VARIANT_REST_FLOOR_LOG))
+    return np.maximum(kl, 0.0)  # >= 0 exactly; rounding can leave -1e-9
+
+
+def kl_full(ref_logprobs: np.ndarray, var_logprobs: np.ndarray) -> np.ndarray:
+    """Per-token full KL(reference || variant) from complete (n, vocab) log-prob rows."""
+    p = np.asarray(ref_logprobs, dtype=np.float64)
+    q = np.asarray(var_logprobs, dtype=np.float64)
+    return np.maximum((np.exp(p) * (p - q)).sum(axis=1), 0.0)
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"[{self.low:.6g}, {self.high:.6g}]"
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> Interval:
+    """Wilson score interval of a binomial proportion (tokens counted as independent trials)."""
+    if n <= 0:
+        return Interval(float("nan"), float("nan"))
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+
+
+def block_sums(values: np.ndarray, block_sizes: np.ndarray) -> np.ndarray:
+    """Sum of `values` over consecutive blocks of the given sizes (which must cover values exactly)."""
+    block_sizes = np.asarray(block_sizes, dtype=np.int64)
+    if block_sizes.sum() != len(values):
+        raise ValueError(f"blocks cover {int(block_sizes.sum())} values, got {len(values)}")
+    starts = np.concatenate([[0], np.cumsum(block_sizes)[:-1]])
+    return np.add.reduceat(np.asarray(values, dtype=np.float64), starts) if len(values) else np.zeros(0)
+
+
+def bootstrap_block_means(values: np.ndarray, block_sizes: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Token-weighted means of `values` over `resamples` block-bootstrap resamples (fixed seed)."""
+    sums = block_sums(values, block_sizes)
+    sizes = np.asarray(block_sizes, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    return sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+
+
+def percentile_interval(samples: np.ndarray) -> Interval:
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return Interval(float(low), float(high))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Everything the gate says about one variant against the reference on one corpus."""
+
+    tokens: int
+    blocks: int
+    kl_kind: str  # "lower bound (top-k + rest)" or "exact"
+    top_k: int | None
+    kl_mean: float
+    kl_interval: Interval
+    kl_p99: float
+    kl_p999: float
+    kl_max: float
+    top1: float
+    top1_interval: Interval
+    ppl_ratio: float
+    ppl_ratio_interval: Interval
+    ppl_ratio_se_log: float  # bootstrap standard error of log(ratio)
+    delta_p: dict  # distribution of p_variant(correct) - p_reference(correct), as llama.cpp prints it
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("kl_interval", "top1_interval", "ppl_ratio_interval"):
+            d[key] = [getattr(self, key).low, getattr(self, key).high]
+        return d
+
+
+DELTA_P_PERCENTILES = (99.9, 99, 95, 90, 75, 50, 25, 10, 5, 1, 0.1)
+
+
+def delta_p_summary(ref_target: np.ndarray, var_target: np.ndarray) -> dict:
+    """Change in the probability of the correct token: mean, RMS, extremes and percentiles."""
+    dp = np.exp(np.asarray(var_target, dtype=np.float64)) - np.exp(np.asarray(ref_target, dtype=np.float64))
+    out = {"mean": float(dp.mean()), "rms": float(np.sqrt((dp * dp).mean())),
+           "max": float(dp.max()), "min": float(dp.min())}
+    for q, v in zip(DELTA_P_PERCENTILES, np.percentile(dp, DELTA_P_PERCENTILES), strict=True):
+        out[f"p{q:g}"] = float(v)
+    return out
+
+
+def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, same_top1: np.ndarray,
+            block_sizes: np.ndarray, kl_kind: str, top_k: int | None) -> PairedComparison:
+    """Paired statistics over the same scored tokens under both models.
+
+    ref_target / var_target: log p(correct token) per token; kl: per-token KL divergence;
+    same_top1: bool per token; block_sizes: tokens per scoring window, in order.
+    """
+    n = len(ref_target)
+    if not (len(var_target) == len(kl) == len(same_top1) == n) or n == 0:
+        raise ValueError("paired arrays must be non-empty and of equal length")
+    nll_diff = np.asarray(ref_target, np.float64) - np.asarray(var_target, np.float64)  # NLL_var - NLL_ref
+    log_ratio = float(nll_diff.mean())
+    boot_log_ratio = bootstrap_block_means(nll_diff, block_sizes)
+    boot_kl = bootstrap_block_means(kl, block_sizes)
+    agree = int(np.count_nonzero(same_top1))
+    kl_p99, kl_p999 = np.percentile(kl, [99, 99.9])
+    return PairedComparison(
+        tokens=n, blocks=len(block_sizes), kl_kind=kl_kind, top_k=top_k,
+        kl_mean=float(np.mean(kl)), kl_interval=percentile_interval(boot_kl),
+        kl_p99=float(kl_p99), kl_p999=float(kl_p999), kl_max=float(np.max(kl)),
+        top1=agree / n, top1_interval=wilson_interval(agree, n),
+        ppl_ratio=math.exp(log_ratio), ppl_ratio_interval=Interval(*np.exp(np.percentile(boot_log_ratio, [2.5, 97.5]))),
+        ppl_ratio_se_log=float(np.std(boot_log_ratio, ddof=1)),
+        delta_p=delta_p_summary(ref_target, var_target),
+    )
+
+
+def detectable_ratio_change(se_log_ratio: float) -> float:
+    """Smallest relative perplexity change detected with 80% power at 5% (two-sided), given the
+    standard error of log(ratio): exp((z_0.975 + z_0.8) * se) - 1."""
+    return math.expm1(Z_POWER * se_log_ratio)

@@ -1,0 +1,120 @@
+"""The KL / top-1 checks on the demo model: a perturbed layer is caught while perplexity looks fine,
+two runs give identical numbers, and a baseline without top-k rows is refused by name."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from quantgate.checks import Case, Gate
+from quantgate.evaluation import Evaluator
+from quantgate.manifest import load_manifest
+from quantgate.report import RunReport
+from quantgate.thresholds import find_row, load_table
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "fixtures" / "demo_zoo" / "reference"
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory):
+    """The demo reference with Gaussian noise (3x the weights' std) added to layer 1's attention output."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("perturbed")
+    model = AutoModelForCausalLM.from_pretrained(str(REFERENCE), dtype=torch.float16)
+    with torch.no_grad():
+        w = model.model.layers[1].self_attn.o_proj.weight
+        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.float().std() * 3.0
+        w.add_(noise.half())
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(REFERENCE / name, out / name)
+    return out
+
+
+def demo_project(tmp_path, variant_block):
+    """A manifest over the repository's demo reference and stored baselines, with one extra variant."""
+    text = (REPO / "quantgate.toml").read_text()
+    head = text[:text.index("[[models.demo.variants]]")]
+    head = head.replace('baselines = "baselines"', f'baselines = "{REPO / "baselines"}"')
+    head = head.replace('zoo_dir = "build/zoo"', f'zoo_dir = "{tmp_path / "zoo"}"')
+    head = head.replace('path = "fixtures/demo_zoo/reference"', f'path = "{REFERENCE}"')
+    (tmp_path / "quantgate.toml").write_text(head + variant_block)
+    return load_manifest(tmp_path / "quantgate.toml")
+
+
+def gate_for(manifest):
+    report = RunReport(profile="fast", device="cpu")
+    return Gate(Evaluator(manifest=manifest, profile="fast", device="cpu"), load_table(), report), report
+
+
+def test_a_perturbed_layer_fails_on_kl_and_top1_while_perplexity_passes(tmp_path, perturbed):
+    row = find_row(load_table(), "gptq", 4)  # held to the GPTQ 4-bit row's three bounds
+    manifest = demo_project(tmp_path, f"""
+[[models.demo.variants]]
+name = "perturbed"
+format = "fp16"
+bits = 16
+path = "{perturbed}"
+max_ratio = {row.high}
+max_kl = {row.max_kl}
+min_top1 = {row.min_top1}
+""")
+    gate, report = gate_for(manifest)
+    case = Case("demo", "perturbed", "prose")
+    gate.relative_perplexity(case)  # passes: prose perplexity moves by 0.1%
+    with pytest.raises(pytest.fail.Exception) as kl:
+        gate.kl_divergence(case)
+    with pytest.raises(pytest.fail.Exception) as top1:
+        gate.top1_agreement(case)
+    ppl, kl_rec, top1_rec = report.records
+    assert ppl.verdict == "pass" and ppl.ratio < 1.01
+    message = str(kl.value)
+    assert f"kl divergence {kl_rec.value:.6g} exceeds the bound {row.max_kl:g} (significant: the whole 95% interval" in message
+    assert "lower bound (top-8 + rest) of the full KL divergence" in message and "ppl ratio : 1.00" in message
+    assert "below the minimum 0.85 (significant" in str(top1.value) and top1_rec.value < 0.8
+    assert kl_rec.verdict == top1_rec.verdict == "FAIL"
+
+
+def test_two_runs_on_cpu_give_identical_numbers(tmp_path):
+    manifest = demo_project(tmp_path, """
+[[models.demo.variants]]
+name = "fp16"
+format = "fp16"
+bits = 16
+path = "fixtures/demo_zoo/reference"
+""".replace("fixtures/demo_zoo/reference", str(REFERENCE)))
+    results = []
+    for _ in range(2):
+        gate, report = gate_for(manifest)
+        gate.relative_perplexity(Case("demo", "fp16", "code"))
+        results.append(report.records[0])
+    first, second = results
+    assert first.value == second.value and first.distribution == second.distribution
+    assert first.distribution["kl_mean"] == 0.0 and first.distribution["top1"] == 1.0
+
+
+def test_a_baseline_without_top_k_rows_is_refused_for_kl_by_name(tmp_path):
+    from quantgate import baselines as bl
+    from quantgate.errors import BaselineMissing
+
+    copy = tmp_path / "baselines"
+    shutil.copytree(REPO / "baselines", copy)
+    stored = bl.read_baseline(copy / "demo" / "code.fast.json")
+    stored.topk_ids = stored.topk_logprobs = None  # as schema 1 and 2 baselines were written
+    bl.write_baseline(stored, copy / "demo" / "code.fast.json")
+    manifest = demo_project(tmp_path, f"""
+[[models.demo.variants]]
+name = "fp16"
+format = "fp16"
+bits = 16
+path = "{REFERENCE}"
+""")
+    manifest = manifest.__class__(**{**manifest.__dict__, "baselines_dir": copy})
+    gate, report = gate_for(manifest)
+    gate.relative_perplexity(Case("demo", "fp16", "code"))  # perplexity still compares
+    with pytest.raises(BaselineMissing, match=r"code.fast.json: this baseline has no top-k distributions .*"
+                                              r"quantgate baseline --model demo --corpus code --profile fast --force"):
+        gate.kl_divergence(Case("demo", "fp16", "code"))
