@@ -120,8 +120,8 @@ def test_acceptability_view_puts_measured_ratios_beside_each_row(table):
         Record(model="demo", variant="gptq-w4g128", corpus="code", metric="relative_perplexity", format="gptq", bits=4,
                verdict="pass", ratio=1.0009)])
     text = report.acceptability_markdown(table)
-    assert "| GPTQ 4-bit | 1.05-1.10 | Usually | 1.1 | gptq-w4g128 / code: 1.0009 | pass |" in text
-    assert "| GGUF Q2_K | 1.15-1.30+ | Problematic | none | not in this run | - |" in text
+    assert "| GPTQ 4-bit | 1.05-1.10 | Usually | 1.1 | gptq-w4g128 / code: 1.0009 | 0.031 / 0.85 | - | pass |" in text
+    assert "| GGUF Q2_K | 1.15-1.30+ | Problematic | none | not in this run | none / none | - | - |" in text
 
 
 def decide_with_interval(table, value, interval, rule="point", tolerance=0.005):

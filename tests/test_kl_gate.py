@@ -118,3 +118,21 @@ path = "{REFERENCE}"
     with pytest.raises(BaselineMissing, match=r"code.fast.json: this baseline has no top-k distributions .*"
                                               r"quantgate baseline --model demo --corpus code --profile fast --force"):
         gate.kl_divergence(Case("demo", "fp16", "code"))
+
+
+def test_exact_mode_reports_the_full_kl_at_or_above_the_bound(tmp_path, perturbed):
+    manifest = demo_project(tmp_path, f"""
+[[models.demo.variants]]
+name = "perturbed"
+format = "fp16"
+bits = 16
+path = "{perturbed}"
+""")
+    bound = Evaluator(manifest=manifest, profile="fast", device="cpu")
+    exact = Evaluator(manifest=manifest, profile="fast", device="cpu", exact_kl=True)
+    baseline = bound.comparable_baseline("demo", "code")
+    lower = bound.compare("demo", "perturbed", "code", baseline).stats
+    full = exact.compare("demo", "perturbed", "code", baseline).stats
+    assert (lower.kl_kind, full.kl_kind) == ("lower bound (top-8 + rest)", "exact")
+    assert lower.kl_mean < full.kl_mean < 3 * lower.kl_mean  # the bound holds a third or more of it here
+    assert (lower.top1, lower.ppl_ratio) == (full.top1, full.ppl_ratio)  # only the KL changes

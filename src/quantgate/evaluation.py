@@ -69,6 +69,7 @@ class Evaluator:
     manifest: Manifest
     profile: str
     device: str
+    exact_kl: bool = False  # opt-in: full-distribution KL with the reference resident beside the variant
     _corpora: dict[str, Corpus] = field(default_factory=dict)
     _tokenizers: dict[str, Any] = field(default_factory=dict)
     _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
@@ -263,13 +264,38 @@ class Evaluator:
         top_k = self.settings(model).top_k
         baseline.require_distributions(top_k, self.baseline_command(model, corpus, self.backend_of(model, variant)))
         m = self.measure(model, variant, corpus, gather_ids=baseline.topk_ids)
+        if self.exact_kl:
+            kl, kind = self._exact_kl(model, variant, corpus), "exact"
+        else:
+            kl, kind = kl_bound_from_baseline(baseline.topk_logprobs, m.scores.gathered), f"lower bound (top-{top_k} + rest)"
         ref_target = baseline.logprobs.astype(np.float64)
-        stats = compare(ref_target=ref_target, var_target=m.scores.logprobs,
-                        kl=kl_bound_from_baseline(baseline.topk_logprobs, m.scores.gathered),
+        stats = compare(ref_target=ref_target, var_target=m.scores.logprobs, kl=kl,
                         same_top1=m.scores.argmax == baseline.topk_ids[:, 0], block_sizes=m.scores.block_sizes,
-                        kl_kind=f"lower bound (top-{top_k} + rest)", top_k=top_k)
+                        kl_kind=kind, top_k=top_k)
         self._comparisons[key] = Comparison(measurement=m, stats=stats)
         return self._comparisons[key]
+
+    def _exact_kl(self, model: str, variant: str, corpus: str) -> np.ndarray:
+        """Per-token full KL(reference || variant): the reference loaded beside the resident variant."""
+        from .divergence import exact_kl, windows_for
+
+        backend = self.backend_of(model, variant)
+        settings, ref = self.settings(model), self.model(model)
+        if backend == "llama.cpp":
+            from .zoo import reference_gguf
+
+            path, fmt = reference_gguf(self.manifest, ref, self.reference_sha256(model)), "gguf"
+        else:
+            path, fmt = ref.path, ref.format
+        reference = load_checkpoint(path, fmt=fmt, dtype=settings.dtype, device=self.device,
+                                    what=f"reference {model} (exact KL)", tokenizer_path=ref.path, backend=backend)
+        try:
+            ids = self.tokenized(model, corpus, settings).ids
+            windows = windows_for(len(ids), settings.max_length, settings.stride, None)
+            return exact_kl(reference.backend, self.checkpoint(model, variant, backend).backend, ids, windows,
+                            settings.batch_size, settings.top_k)["exact"]
+        finally:
+            release(reference)
 
     def _check_tokenizer(self, model, variant, corpus, loaded, settings, reference_tokens) -> None:
         """The variant must give the reference's token ids the reference's meaning."""

@@ -34,6 +34,7 @@ class QualityState:
     json_path: Path | None
     summary_path: Path | None
     rootdir: Path
+    exact_kl: bool = False
     bad: list[str] = field(default_factory=list)
     untestable: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -72,6 +73,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="exit 125 when a commit cannot be tested here, for `git bisect run`")
     group.addoption("--quality-strict", dest="quality_strict", action="store_true", default=False,
                     help="fail the run if any quality check was skipped or could not be tested (merge gates)")
+    group.addoption("--quality-exact-kl", dest="quality_exact_kl", action="store_true", default=False,
+                    help="KL divergence from full distributions, the FP16 reference loaded beside each variant "
+                         "(two models resident, scoring twice); default: the lower bound from the baseline's top-k")
     group.addoption("--quality-json", dest="quality_json", metavar="PATH", default=None,
                     help="write one JSON record per (variant, corpus, metric)")
     group.addoption("--quality-summary", dest="quality_summary", metavar="PATH",
@@ -88,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
         device_option=opt.quality_device, bisect=opt.quality_bisect, strict=opt.quality_strict,
         json_path=Path(opt.quality_json) if opt.quality_json else None,
         summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
-        rootdir=Path(config.rootpath),
+        rootdir=Path(config.rootpath), exact_kl=opt.quality_exact_kl,
     )
 
 
@@ -142,7 +146,7 @@ def quality_evaluator(request: pytest.FixtureRequest):
 
         manifest = state.manifest()
         device = resolve_device(state.device_option)
-        state.evaluator = Evaluator(manifest=manifest, profile=state.profile, device=device)
+        state.evaluator = Evaluator(manifest=manifest, profile=state.profile, device=device, exact_kl=state.exact_kl)
         state.report = RunReport(profile=state.profile, device=device, environment=state.evaluator.environment())
     yield state.evaluator
     state.evaluator.release()

@@ -113,7 +113,7 @@ class RunReport:
             tlo, thi = d["top1_interval"]
             lines.append(
                 f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {d['ppl_ratio']:.4f} [{lo:.4f}, {hi:.4f}] | "
-                f"{d['kl_mean']:.5f} [{klo:.5f}, {khi:.5f}] | {d['kl_p99']:.4f} / {d['kl_p999']:.4f} | "
+                f"{d['kl_mean']:.2e} [{klo:.2e}, {khi:.2e}] | {d['kl_p99']:.2e} / {d['kl_p999']:.2e} | "
                 f"{d['top1']:.4f} [{tlo:.4f}, {thi:.4f}] | {d['delta_p']['mean'] * 100:+.3f}% | "
                 f"{verdicts.get((r.model, r.variant, r.corpus, 'kl_divergence'), '-')} | "
                 f"{verdicts.get((r.model, r.variant, r.corpus, 'top1_agreement'), '-')} | "
@@ -164,13 +164,20 @@ class RunReport:
 
     def acceptability_markdown(self, rows) -> str:
         """The acceptability table with the measured ratios of this run beside each row's expected range."""
-        lines = ["| row | expected (seed) | acceptable | bound | measured relative PPL | verdicts |", "|---|---|---|---|---|---|"]
+        lines = ["| row | expected (seed) | acceptable | bound | measured relative PPL | max KL / min top-1 | "
+                 "measured KL (worst) / top-1 (worst) | verdicts |", "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             hits = [r for r in self.records if r.metric == "relative_perplexity" and (r.format, r.bits) == (row.format, row.bits)]
             measured = "<br>".join(f"{r.variant} / {r.corpus}: {r.ratio:.4f}" for r in hits if r.ratio is not None) or "not in this run"
-            verdicts = ", ".join(sorted({r.verdict for r in hits})) or "-"
+            dists = [r.distribution for r in hits if r.distribution]
+            worst = (f"{max(d['kl_mean'] for d in dists):.2e} / {min(d['top1'] for d in dists):.4f}" if dists else "-")
+            checked = [r for r in self.records if (r.format, r.bits) == (row.format, row.bits)]
+            verdicts = ", ".join(sorted({r.verdict for r in checked})) or "-"
             bound = "none" if row.high is None else f"{row.high:g}"
-            lines.append(f"| {row.label} | {row.expected} | {row.acceptable} | {bound} | {measured} | {verdicts} |")
+            dist_bounds = ("none" if row.max_kl is None else f"{row.max_kl:g}") + " / " + (
+                "none" if row.min_top1 is None else f"{row.min_top1:g}")
+            lines.append(f"| {row.label} | {row.expected} | {row.acceptable} | {bound} | {measured} | {dist_bounds} | "
+                         f"{worst} | {verdicts} |")
         return "\n".join(lines) + "\n"
 
     @classmethod
