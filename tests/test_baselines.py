@@ -114,3 +114,19 @@ def test_schema_1_baselines_are_read_as_transformers_ones(tmp_path, baseline):
 def test_each_backend_has_its_own_baseline_file(tmp_path):
     assert bl.baseline_path(tmp_path, "m", "code", "full").name == "code.full.json"
     assert bl.baseline_path(tmp_path, "m", "code", "full", "llama.cpp").name == "code.full.llamacpp.json"
+
+
+def test_noise_floor_reruns_are_stored_and_zero_on_cpu(tiny_project):
+    """--noise-reruns re-scores the reference; on CPU nothing moves, and the baseline says how it was measured."""
+    import json
+
+    from quantgate import cli
+
+    manifest = tiny_project / "quantgate.toml"
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code", "--noise-reruns", "2"]) == 0
+    doc = json.loads(next((tiny_project / "baselines" / "tiny").glob("code.*.json")).read_text())
+    assert doc["noise_floor"]["reruns"] == 2
+    assert (doc["noise_floor"]["log_ratio"], doc["noise_floor"]["top1_disagreement"]) == (0.0, 0.0)
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "prose"]) == 0
+    doc = json.loads(next((tiny_project / "baselines" / "tiny").glob("prose.*.json")).read_text())
+    assert doc["noise_floor"]["reruns"] == 0 and "deterministic" in doc["noise_floor"]["why"]

@@ -185,3 +185,14 @@ def test_kl_bound_comes_from_the_row_unless_the_variant_overrides_it(table):
     assert distribution_bound(row, "max_kl", None).value == row.max_kl
     assert (distribution_bound(row, "max_kl", 0.5).value, distribution_bound(row, "max_kl", 0.5).source) == (
         0.5, "manifest variant max_kl")
+
+
+def test_a_measured_noise_floor_widens_the_bound_and_the_reversal_line(table):
+    bound = choose_bound(table, "fp16", 16, variant_override=None, model_overrides={})  # bound 1.00 exactly
+    kwargs = dict(variant="demo/fp16", corpus="code", baseline=10.0, bound=bound, reversal_tolerance=0.0, tokens=1,
+                  baseline_source="b.json", protocol_line=PROTOCOL_LINE)
+    assert judge(value=10.0005, **kwargs).outcome == FAIL  # CPU: no noise, 1.00005 > 1.00
+    gpu = judge(value=10.0005, noise_log_ratio=1e-4, **kwargs)  # the reference itself moves 1e-4 on re-scoring
+    assert gpu.outcome == PASS and "noise     : bound and reversal line widened by x1.000100" in gpu.message
+    assert judge(value=9.9995, **kwargs).outcome == REVERSAL
+    assert judge(value=9.9995, noise_log_ratio=1e-4, **kwargs).outcome == PASS

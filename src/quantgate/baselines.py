@@ -50,7 +50,16 @@ class Baseline:
     doc_starts: np.ndarray  # int64
     topk_ids: np.ndarray | None = None  # (n, k) the reference's k most likely next tokens, best first
     topk_logprobs: np.ndarray | None = None  # float32 (n, k) their log-probabilities
+    noise: dict[str, Any] | None = None  # how far re-scoring the reference moved it (GPU non-determinism)
     path: Path | None = None
+
+    @property
+    def noise_log_ratio(self) -> float:
+        return float((self.noise or {}).get("log_ratio", 0.0))
+
+    @property
+    def noise_top1(self) -> float:
+        return float((self.noise or {}).get("top1_disagreement", 0.0))
 
     @property
     def top_k(self) -> int | None:
@@ -142,6 +151,7 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
             "mean_nll": baseline.mean_nll,
             "tokens_scored": baseline.protocol.tokens_scored,
         },
+        **({"noise_floor": baseline.noise} if baseline.noise is not None else {}),
         "protocol_fingerprint": baseline.protocol.fingerprint,
         "protocol": baseline.protocol.as_dict(),
         "environment": baseline.environment,
@@ -215,7 +225,8 @@ def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Bas
         perplexity=float(_field(doc, "summary.perplexity", path, (int, float))),
         mean_nll=float(_field(doc, "summary.mean_nll", path, (int, float))),
         environment=_field(doc, "environment", path, dict), provenance=_field(doc, "provenance", path, dict),
-        logprobs=logprobs, doc_starts=doc_starts, topk_ids=topk_ids, topk_logprobs=topk_logprobs, path=path,
+        logprobs=logprobs, doc_starts=doc_starts, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+        noise=doc.get("noise_floor") if isinstance(doc.get("noise_floor"), dict) else None, path=path,
     )
 
 

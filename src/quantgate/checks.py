@@ -85,7 +85,8 @@ class Gate:
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
                   baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line,
-                  ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance)
+                  ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance,
+                  noise_log_ratio=baseline.noise_log_ratio)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
         record.kernels = m.description.get("kernels", [])
@@ -132,8 +133,13 @@ class Gate:
                        f"{st.tokens:,} tokens (Wilson interval)",
                        f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
         marginal = row is not None and row.acceptable == "Marginal"
+        limit = bound.value
+        if metric == "top1_agreement" and limit is not None and baseline.noise_top1:
+            limit -= baseline.noise_top1  # the reference's own top-1 flips on re-scoring (GPU)
+            details.append(f"noise     : minimum lowered by {baseline.noise_top1:.4g}, the reference's own top-1 "
+                           "disagreement on re-scoring")
         j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=case.corpus, metric=metric.replace("_", " "),
-                         value=value, interval=interval, bound=bound.value, higher_is_better=metric == "top1_agreement",
+                         value=value, interval=interval, bound=limit, higher_is_better=metric == "top1_agreement",
                          rule=self.evaluator.manifest.exceedance,
                          row_text=f"{row.describe() if row else 'none'} ({bound.source})", details=details,
                          marginal=marginal, problematic=row is not None and row.acceptable == "Problematic")

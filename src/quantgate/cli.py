@@ -87,6 +87,8 @@ def cmd_baseline(args) -> int:
                     continue
             started = time.perf_counter()
             m = ev.measure(model, REFERENCE, corpus, backend=backend, top_k=ev.settings(model).top_k)
+            reruns = args.noise_reruns if args.noise_reruns is not None else (0 if device == "cpu" else 1)
+            noise = ev.noise_floor(model, corpus, backend, m, reruns)
             scored = {}
             if backend != "transformers":
                 from .zoo import reference_gguf
@@ -101,7 +103,7 @@ def cmd_baseline(args) -> int:
                             "reference_sha256": reference_sha, "backend": m.description.get("backend"),
                             **scored, "eval_seconds": round(m.seconds, 2)},
                 logprobs=m.scores.logprobs, doc_starts=m.doc_starts,
-                topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs)
+                topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs, noise=noise)
             bl.write_baseline(baseline, path)
             print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
                   f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
@@ -173,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None)
     p.add_argument("--all-profiles", action="store_true")
     p.add_argument("--force", action="store_true", help="replace baselines measured under another protocol")
+    p.add_argument("--noise-reruns", type=int, default=None, metavar="N",
+                   help="score the reference N more times and store how far the reruns move (the noise floor the "
+                        "gate adds to its bounds); default: 1 on CUDA, 0 on CPU, where scoring is deterministic")
     p.add_argument("--backend", action="append", default=None, choices=("transformers", "llama.cpp"),
                    help="whose kernels score the reference (default: every backend the model's variants use)")
     p.set_defaults(func=cmd_baseline)

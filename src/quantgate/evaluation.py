@@ -275,6 +275,22 @@ class Evaluator:
         self._comparisons[key] = Comparison(measurement=m, stats=stats)
         return self._comparisons[key]
 
+    def noise_floor(self, model: str, corpus: str, backend: str, first: Measurement, reruns: int) -> dict:
+        """How far re-scoring the reference moves its numbers (non-deterministic GPU kernels).
+
+        With reruns == 0 the floor is recorded as zero: CPU scoring is bit-for-bit deterministic
+        (tests/test_kl_gate.py runs the gate twice), so there is nothing to measure."""
+        if reruns <= 0:
+            return {"reruns": 0, "log_ratio": 0.0, "top1_disagreement": 0.0,
+                    "why": f"not measured: {self.device} scoring is deterministic"}
+        log_ratio, disagreement = 0.0, 0.0
+        for _ in range(reruns):
+            again = self.measure(model, REFERENCE, corpus, backend=backend)
+            log_ratio = max(log_ratio, abs(again.scores.mean_nll - first.scores.mean_nll))
+            disagreement = max(disagreement, float(np.mean(again.scores.argmax != first.scores.topk_ids[:, 0])))
+        return {"reruns": reruns, "log_ratio": log_ratio, "top1_disagreement": disagreement,
+                "why": f"largest change over {reruns} re-scoring(s) of the reference on {self.device}"}
+
     def _exact_kl(self, model: str, variant: str, corpus: str) -> np.ndarray:
         """Per-token full KL(reference || variant): the reference loaded beside the resident variant."""
         from .divergence import exact_kl, windows_for

@@ -22,6 +22,7 @@ Exceedance rule (`[quantgate] exceedance` in the manifest):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .stats import Interval
@@ -73,17 +74,22 @@ def decide_exceedance(value: float, interval: Interval | None, bound: float, *, 
 
 def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bound,
           reversal_tolerance: float, tokens: int, baseline_source: str, protocol_line: str,
-          ratio_interval: Interval | None = None, rule: str = "point") -> Judgement:
+          ratio_interval: Interval | None = None, rule: str = "point", noise_log_ratio: float = 0.0) -> Judgement:
+    """noise_log_ratio: how far re-scoring the reference moved log(perplexity) on this device (the
+    baseline's measured noise floor; 0 on CPU). Bounds and the reversal line widen by it."""
     ratio = value / baseline
+    slack = math.exp(noise_log_ratio)
+    bound = Bound(None if bound.value is None else bound.value * slack, bound.source, bound.row) if noise_log_ratio else bound
     row = bound.row
     marginal = row is not None and row.acceptable == "Marginal"
     note = None
     # Without an interval (no paired scores) the old rule applies: the tolerance alone decides.
-    significant_reversal = ratio < 1.0 if ratio_interval is None else ratio_interval.high < 1.0
+    one = 1.0 / slack  # below this, lower than FP16 by more than the device's own noise
+    significant_reversal = ratio < one if ratio_interval is None else ratio_interval.high < one
     interval_text = "" if ratio_interval is None else f", 95% interval {ratio_interval}"
     reversal_advice = ("Investigate before trusting it: same protocol on both sides? outlier handling? "
                        "calibration data overlapping the evaluation text?")
-    if significant_reversal and ratio < 1.0 - reversal_tolerance:
+    if significant_reversal and ratio < (1.0 - reversal_tolerance) / slack:
         outcome = REVERSAL
         headline = (f"{variant} on {corpus}: PERPLEXITY REVERSAL, the quantized model scores "
                     f"{(1 - ratio) * 100:.2f}% below FP16{interval_text} (tolerance {reversal_tolerance * 100:.2f}%). "
@@ -115,6 +121,8 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
         f"  bound     : {bound_text} (exceedance rule: {rule})",
         f"  table row : {row.describe() if row else 'none'}",
         f"  protocol  : {protocol_line}",
+        *([f"  noise     : bound and reversal line widened by x{slack:.6f}, the reference's own re-scoring spread "
+           "on this device"] if noise_log_ratio else []),
         *([f"  note      : {note}"] if note else []),
     ])
     return Judgement(outcome=outcome, ratio=ratio, bound=bound.value, marginal=marginal, message=message, note=note)
