@@ -1,0 +1,1 @@
+"""Task scores beside perplexity: execution sandbox for generated code (HumanEval) and friends."""

@@ -1,0 +1,123 @@
+"""The code-execution sandbox: canonical HumanEval solutions pass, hostile programs are contained."""
+
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from quantgate.tasks.sandbox import FAILED, PASSED, TIMED_OUT, Limits, run_untrusted
+
+FAST = Limits(timeout_s=3.0)
+
+
+def leftover_processes(marker: str) -> list[int]:
+    """PIDs of live processes whose environment carries the marker (root can read every /proc/*/environ)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def run(source, limits=FAST):
+    marker = f"qg-{uuid.uuid4().hex}"
+    outcome = run_untrusted(textwrap.dedent(source), limits, marker=marker)
+    time.sleep(0.2)  # the kernel reaps a killed namespace asynchronously
+    return outcome, leftover_processes(marker)
+
+
+def test_confinement_is_reported():
+    outcome, _ = run("print('ok')")
+    assert outcome.status == PASSED
+    assert {"rlimits", "network namespace", "pid namespace", "landlock"} <= set(outcome.confinement)
+
+
+def test_infinite_loop_times_out_counts_as_failed_and_leaves_nothing_behind():
+    outcome, left = run("while True:\n    pass\n", Limits(timeout_s=1.0))
+    assert outcome.status == TIMED_OUT and outcome.seconds < 3 and left == []
+
+
+@pytest.mark.parametrize("source, error", [
+    ("raise RuntimeError('boom')", "RuntimeError: boom"),
+    ("def add(a, b):\n    return a - b\nassert add(2, 2) == 4, 'wrong answer'", "AssertionError: wrong answer"),
+])
+def test_exception_and_wrong_answer_fail(source, error):
+    outcome, _ = run(source)
+    assert outcome.status == FAILED and error in outcome.stderr_tail
+
+
+def test_memory_bomb_fails_and_the_host_is_unharmed():
+    outcome, left = run("blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))\n", Limits(memory_bytes=256 << 20))
+    assert outcome.status == FAILED and "MemoryError" in outcome.stderr_tail and left == []
+    assert bytearray(64 << 20)  # this process still allocates
+
+
+def test_writing_or_deleting_outside_the_working_directory_is_blocked(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    outcome, _ = run(f"""
+        import os
+        results = []
+        for attempt in (lambda: open({str(victim)!r}, 'w').write('owned'), lambda: os.remove({str(victim)!r}),
+                        lambda: open({str(tmp_path / 'new.txt')!r}, 'w').write('x')):
+            try:
+                attempt()
+                results.append('done')
+            except PermissionError:
+                results.append('blocked')
+        open('inside.txt', 'w').write('allowed')  # its own directory stays writable
+        assert results == ['blocked'] * 3, results
+    """)
+    assert outcome.status == PASSED, outcome.stderr_tail
+    assert victim.read_text() == "untouched" and not (tmp_path / "new.txt").exists()
+
+
+def test_the_repository_cannot_be_read():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    outcome, _ = run(f"open({str(readme)!r}).read()")
+    assert outcome.status == FAILED and "PermissionError" in outcome.stderr_tail
+
+
+def test_no_network():
+    outcome, _ = run("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)")
+    assert outcome.status == FAILED and "Network is unreachable" in outcome.stderr_tail
+
+
+def test_fork_bomb_is_contained_and_killed():
+    outcome, left = run("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    """, Limits(timeout_s=2.0, max_processes=32))
+    assert outcome.status in (TIMED_OUT, FAILED) and left == []
+
+
+def test_a_child_that_outlives_its_parent_is_killed():
+    outcome, left = run("""
+        import subprocess, sys
+        subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)
+    """)
+    assert outcome.status == PASSED and left == []
+
+
+def test_the_leftover_check_sees_a_running_program():
+    """Control for the checks above: while a sandboxed program runs, its processes are found."""
+    import threading
+
+    marker = f"qg-{uuid.uuid4().hex}"
+    thread = threading.Thread(target=run_untrusted, args=("import time\ntime.sleep(2)\n", FAST), kwargs={"marker": marker})
+    thread.start()
+    time.sleep(0.8)
+    assert leftover_processes(marker)
+    thread.join()
+    time.sleep(0.2)
+    assert leftover_processes(marker) == []
