@@ -105,3 +105,45 @@ def test_compare_reports_a_reversal_interval_below_one_and_power():
     assert c.top1 == 1.0 and c.kl_mean == pytest.approx(1e-3)
     assert c.delta_p["mean"] > 0 and set(c.delta_p) >= {"p99.9", "p1", "rms", "max", "min"}
     assert 0 < detectable_ratio_change(c.ppl_ratio_se_log) < 0.01
+
+
+def test_a_tiny_reference_rest_never_lifts_the_bound_above_the_full_kl():
+    """Reference rest mass 9e-7 (below float32 resolution), the variant's 1.07e-4: the review's counterexample."""
+    p_top = np.array([[math.log(0.5), math.log(0.5 - 9e-7)]])
+    q_top = np.array([[math.log(0.5), math.log(0.5 - 1.07e-4)]])
+    full_p = np.log(np.array([[0.5, 0.5 - 9e-7, 9e-7]]))
+    full_q = np.log(np.array([[0.5, 0.5 - 1.07e-4, 1.07e-4]]))
+    assert kl_bound_from_baseline(p_top, q_top)[0] <= kl_full(full_p, full_q)[0] + 1e-12
+
+
+def test_full_kl_ignores_tokens_the_reference_rules_out():
+    p = np.array([[0.0, -np.inf]])
+    q = np.log(np.array([[0.9, 0.1]]))
+    assert kl_full(p, q)[0] == pytest.approx(-math.log(0.9))
+
+
+def test_too_few_windows_give_no_bootstrap_interval():
+    c = compare(ref_target=np.full(40, -2.0), var_target=np.full(40, -2.1), kl=np.full(40, 1e-3),
+                same_top1=np.ones(40, bool), block_sizes=np.full(4, 10), kl_kind="exact", top_k=None)
+    assert c.ppl_ratio_interval is None and c.kl_interval is None and c.as_dict()["kl_interval"] is None
+    assert c.top1_interval.low < 1.0  # the binomial interval is still there
+
+
+def test_correlated_top1_misses_widen_the_interval_beyond_the_binomial_one():
+    same = np.ones(2000, bool)
+    same[:200] = False  # all misses in the first two windows: strongly clustered
+    c = compare(ref_target=np.zeros(2000) - 1, var_target=np.zeros(2000) - 1, kl=np.zeros(2000), same_top1=same,
+                block_sizes=np.full(20, 100), kl_kind="exact", top_k=None)
+    binomial = wilson_interval(1800, 2000)
+    assert c.top1_interval.low < binomial.low - 0.02
+
+
+def test_a_tie_at_the_top_counts_as_agreement():
+    from types import SimpleNamespace
+
+    from quantgate.evaluation import Evaluator
+
+    scores = SimpleNamespace(argmax=np.array([3, 5]), gathered=np.array([[-0.7, -1.0], [-0.9, -1.0]], np.float32),
+                             max_logprob=np.array([-0.7, -0.5], np.float32))
+    baseline = SimpleNamespace(topk_ids=np.array([[4, 3], [6, 5]]))
+    assert Evaluator._same_top1(scores, baseline).tolist() == [True, False]

@@ -196,3 +196,11 @@ def test_a_measured_noise_floor_widens_the_bound_and_the_reversal_line(table):
     assert gpu.outcome == PASS and "noise     : bound and reversal line widened by x1.000100" in gpu.message
     assert judge(value=9.9995, **kwargs).outcome == REVERSAL
     assert judge(value=9.9995, noise_log_ratio=1e-4, **kwargs).outcome == PASS
+
+
+def test_a_non_finite_metric_fails_instead_of_passing():
+    from quantgate.gate import judge_metric
+
+    j = judge_metric(variant="demo/v", corpus="code", metric="kl divergence", value=float("nan"), interval=None,
+                     bound=0.03, higher_is_better=False, rule="point", row_text="GPTQ 4-bit", details=[])
+    assert j.outcome == FAIL and "not a number" in j.message

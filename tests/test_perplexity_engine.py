@@ -200,3 +200,21 @@ def test_top_k_of_each_next_token_distribution(tiny_model, stream):
     assert scores.topk_ids[i].tolist() == expect.indices.tolist()
     np.testing.assert_allclose(scores.topk_logprobs[i], expect.values.numpy(), rtol=1e-5, atol=1e-5)
     assert _backend(tiny_model).loglikelihood_rolling(stream, max_length=48, stride=16, batch_size=5).topk_ids is None
+
+
+def test_loglikelihood_matches_rolling_scores_and_reports_greedy(tiny_model, stream):
+    """loglikelihood(context, continuation) is the sum of the same per-token log-probs, batched or not."""
+    backend = _backend(tiny_model)
+    context, continuation = stream[:40].tolist(), stream[40:45].tolist()
+    rolling = backend.loglikelihood_rolling(stream[:45], max_length=64, stride=64, batch_size=1)
+    (total, greedy), = backend.loglikelihood([(context, continuation)], max_length=64, batch_size=1)
+    assert total == pytest.approx(rolling.logprobs[-5:].sum(), abs=1e-5)
+    assert greedy == bool((rolling.argmax[-5:] == np.asarray(continuation)).all())
+    # the model's own greedy continuation is greedy by definition, and batching changes nothing
+    own = backend.generate_until(context, max_new_tokens=4, max_length=64)
+    batch = backend.loglikelihood([(context, own), (context, continuation), (context[:10], own)], max_length=64,
+                                  batch_size=3)
+    assert batch[0][1] is True and batch[1][0] == pytest.approx(total, abs=1e-5)
+    assert len(own) == 4
+    stop_at = own[2]
+    assert backend.generate_until(context, max_new_tokens=4, max_length=64, stop=[stop_at]) == own[:own.index(stop_at)]

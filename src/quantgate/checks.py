@@ -143,7 +143,8 @@ class Gate:
                          rule=self.evaluator.manifest.exceedance,
                          row_text=f"{row.describe() if row else 'none'} ({bound.source})", details=details,
                          marginal=marginal, problematic=row is not None and row.acceptable == "Problematic")
-        record.verdict, record.value, record.interval = j.verdict, value, [interval.low, interval.high]
+        record.verdict, record.value = j.verdict, value
+        record.interval = None if interval is None else [interval.low, interval.high]
         record.tokens_scored, record.protocol_fingerprint, record.note = st.tokens, m.protocol.fingerprint, j.note
         if j.outcome == FAIL:
             record.detail = j.message.splitlines()[0]

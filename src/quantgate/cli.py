@@ -87,7 +87,9 @@ def cmd_baseline(args) -> int:
                     continue
             started = time.perf_counter()
             m = ev.measure(model, REFERENCE, corpus, backend=backend, top_k=ev.settings(model).top_k)
-            reruns = args.noise_reruns if args.noise_reruns is not None else (0 if device == "cpu" else 1)
+            # llama.cpp scores on the CPU whatever the device: deterministic, nothing to re-measure
+            on_cpu = device == "cpu" or backend == "llama.cpp"
+            reruns = args.noise_reruns if args.noise_reruns is not None else (0 if on_cpu else 1)
             noise = ev.noise_floor(model, corpus, backend, m, reruns)
             scored = {}
             if backend != "transformers":

@@ -4,8 +4,8 @@
   each scored token's top-k log-probs; the variant is scored at those ids, and KL over the k
   tokens plus a "rest" bucket is computed: a lower bound of the full KL (data processing).
 - Exact, opt-in (`exact_kl`): both models resident, full distributions compared window by
-  window, for up to `max_tokens` scored tokens. It also returns the bound on the same tokens,
-  which is how the bound's tightness is measured.
+  window (`windows_for` cuts the protocol's windows after a number of tokens, for benchmarks).
+  It can also return the bound on the same tokens, which is how the bound's tightness is measured.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .perplexity import Window, plan_windows
-from .stats import kl_full, kl_topk_rest, rest_logprob
+from .stats import kl_topk_rest, rest_logprob
 
 
 def kl_bound_from_baseline(ref_topk_logprobs: np.ndarray, var_gathered: np.ndarray) -> np.ndarray:
@@ -38,20 +38,28 @@ def windows_for(n_tokens: int, max_length: int, stride: int, max_tokens: int | N
 
 
 def exact_kl(reference, variant, ids: np.ndarray, windows: Sequence[Window], batch_size: int,
-             top_k: int) -> dict[str, np.ndarray]:
-    """Per-token exact KL(reference || variant) and, on the same tokens, the top-k + rest bound.
+             top_k: int, *, with_bound: bool = True, chunk_rows: int = 256) -> dict[str, np.ndarray]:
+    """Per-token exact KL(reference || variant) and, with_bound, the top-k + rest bound on the same tokens.
 
-    `reference` and `variant` are scoring backends over the same vocabulary, both resident.
-    """
+    `reference` and `variant` are scoring backends over the same token ids, both resident. Rows are
+    compared in chunks on the device they come from, so memory stays at chunk_rows x vocab."""
+    import torch
+
     exact, bound = [], []
     for ref_rows, var_rows in zip(reference.iter_logprobs(ids, windows, batch_size),
                                   variant.iter_logprobs(ids, windows, batch_size), strict=True):
-        p, q = ref_rows.double().numpy(), var_rows.double().numpy()
-        if p.shape[1] != q.shape[1]:
-            q = q[:, :p.shape[1]]  # a padded vocabulary: ids beyond the reference's are never targets
-        exact.append(kl_full(p, q))
-        top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
-        ref_top = np.take_along_axis(p, top, axis=1).astype(np.float32)
-        var_top = np.take_along_axis(q, top, axis=1).astype(np.float32)
-        bound.append(kl_bound_from_baseline(ref_top, var_top))
-    return {"exact": np.concatenate(exact), "bound": np.concatenate(bound)}
+        if var_rows.shape[1] < ref_rows.shape[1]:
+            raise ValueError(f"the variant's vocabulary ({var_rows.shape[1]}) is smaller than the reference's "
+                             f"({ref_rows.shape[1]}): KL divergence is undefined")
+        for start in range(0, ref_rows.shape[0], chunk_rows):
+            p = ref_rows[start:start + chunk_rows].double()
+            q = var_rows[start:start + chunk_rows, :p.shape[1]].to(p.device).double()
+            q = q - torch.logsumexp(q, dim=1, keepdim=True)  # a padded vocabulary: renormalise over the shared ids
+            terms = torch.where(torch.isfinite(p), p.exp() * (p - q), torch.zeros_like(p))
+            exact.append(terms.sum(dim=1).clamp_min(0).cpu().numpy())
+            if with_bound:
+                ref_top, top = p.topk(top_k, dim=1)
+                var_top = q.gather(1, top)
+                bound.append(kl_bound_from_baseline(ref_top.float().cpu().numpy(), var_top.float().cpu().numpy()))
+    return {"exact": np.concatenate(exact) if exact else np.zeros(0),
+            "bound": np.concatenate(bound) if bound else np.zeros(0)}

@@ -270,10 +270,15 @@ class Evaluator:
             kl, kind = kl_bound_from_baseline(baseline.topk_logprobs, m.scores.gathered), f"lower bound (top-{top_k} + rest)"
         ref_target = baseline.logprobs.astype(np.float64)
         stats = compare(ref_target=ref_target, var_target=m.scores.logprobs, kl=kl,
-                        same_top1=m.scores.argmax == baseline.topk_ids[:, 0], block_sizes=m.scores.block_sizes,
+                        same_top1=self._same_top1(m.scores, baseline), block_sizes=m.scores.block_sizes,
                         kl_kind=kind, top_k=top_k)
         self._comparisons[key] = Comparison(measurement=m, stats=stats)
         return self._comparisons[key]
+
+    @staticmethod
+    def _same_top1(scores: TokenScores, baseline: bl.Baseline) -> np.ndarray:
+        """The variant's top token is FP16's, ties included: FP16's top token has the variant's maximum log-prob."""
+        return (scores.argmax == baseline.topk_ids[:, 0]) | (scores.gathered[:, 0] >= scores.max_logprob)
 
     def noise_floor(self, model: str, corpus: str, backend: str, first: Measurement, reruns: int) -> dict:
         """How far re-scoring the reference moves its numbers (non-deterministic GPU kernels).
@@ -309,7 +314,7 @@ class Evaluator:
             ids = self.tokenized(model, corpus, settings).ids
             windows = windows_for(len(ids), settings.max_length, settings.stride, None)
             return exact_kl(reference.backend, self.checkpoint(model, variant, backend).backend, ids, windows,
-                            settings.batch_size, settings.top_k)["exact"]
+                            settings.batch_size, settings.top_k, with_bound=False)["exact"]
         finally:
             release(reference)
 

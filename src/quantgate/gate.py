@@ -78,6 +78,8 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
     """noise_log_ratio: how far re-scoring the reference moved log(perplexity) on this device (the
     baseline's measured noise floor; 0 on CPU). Bounds and the reversal line widen by it."""
     ratio = value / baseline
+    if not math.isfinite(ratio):
+        raise ValueError(f"{variant} on {corpus}: relative perplexity {ratio} is not finite")
     slack = math.exp(noise_log_ratio)
     bound = Bound(None if bound.value is None else bound.value * slack, bound.source, bound.row) if noise_log_ratio else bound
     row = bound.row
@@ -134,7 +136,10 @@ def judge_metric(*, variant: str, corpus: str, metric: str, value: float, interv
     """KL divergence (lower is better) or top-1 agreement (higher is better) against its bound."""
     interval_text = "" if interval is None else f", 95% interval {interval}"
     note = None
-    if bound is None and problematic:
+    if not math.isfinite(value):
+        outcome = FAIL
+        headline = f"{variant} on {corpus}: {metric} is {value} (not a number): the comparison is broken"
+    elif bound is None and problematic:
         outcome = XFAIL
         headline = (f"{variant} on {corpus}: {metric} {value:.6g}{interval_text}; the row is Problematic and has no "
                     "bound, so this variant is expected to fail")

@@ -65,6 +65,7 @@ class TokenScores:
     positions: np.ndarray  # int64, absolute index of the target token in the stream
     logprobs: np.ndarray  # float64, log p(token | context)
     argmax: np.ndarray | None = None  # int64: the model's most likely next token
+    max_logprob: np.ndarray | None = None  # float32: its log-probability (ties: any id with this value is top)
     topk_ids: np.ndarray | None = None  # int64 (n, k): the k most likely next tokens, best first
     topk_logprobs: np.ndarray | None = None  # float32 (n, k): their log-probabilities
     gathered: np.ndarray | None = None  # float32 (n, k): log-probs at ids the caller chose (the reference's top k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,15 +102,16 @@ class RunReport:
             return []
         verdicts = {(r.model, r.variant, r.corpus, r.metric): r.verdict for r in self.records}
         kind = rows[0].distribution.get("kl_kind", "")
-        lines = ["", f"Next-token distributions against FP16 (95% intervals; KL divergence: {kind}, a lower bound "
-                 "of the full KL; top-1: share of tokens whose most likely next token is FP16's):", "",
+        bound_words = ", a lower bound of the full KL" if kind.startswith("lower bound") else ""
+        lines = ["", f"Next-token distributions against FP16 (95% intervals; KL divergence: {kind}{bound_words}; "
+                 "top-1: share of tokens whose most likely next token is FP16's):", "",
                  "| variant | backend | corpus | relative PPL [95% CI] | mean KL [95% CI] | KL p99 / p99.9 | "
                  "top-1 [95% CI] | mean Δp | KL verdict | top-1 verdict | note |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             d = r.distribution
-            lo, hi = d["ppl_ratio_interval"]
-            klo, khi = d["kl_interval"]
+            lo, hi = d["ppl_ratio_interval"] or (math.nan, math.nan)
+            klo, khi = d["kl_interval"] or (math.nan, math.nan)
             tlo, thi = d["top1_interval"]
             lines.append(
                 f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {d['ppl_ratio']:.4f} [{lo:.4f}, {hi:.4f}] | "
@@ -132,7 +134,10 @@ class RunReport:
         for r in rows:
             groups.setdefault((r.backend, r.corpus, r.protocol_fingerprint), []).append(r)
         for (backend, corpus, fingerprint), members in groups.items():
-            ses = sorted(m.distribution["ppl_ratio_se_log"] for m in members)
+            ses = sorted(m.distribution["ppl_ratio_se_log"] for m in members
+                         if math.isfinite(m.distribution["ppl_ratio_se_log"]))
+            if not ses:
+                continue
             se = ses[len(ses) // 2]
             d = members[0].distribution
             lines.append(f"- {corpus} ({backend}, protocol {fingerprint}): {d['tokens']:,} tokens in {d['blocks']} "

@@ -20,6 +20,7 @@ import numpy as np
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000
+MIN_BLOCKS = 10  # fewer windows than this: no bootstrap interval (resamples would barely differ)
 BOOTSTRAP_SEED = 20261122
 # Two-sided 5% test with 80% power: the smallest true change that is detected 4 times in 5.
 Z_POWER = Z95 + 0.8416212335729143
@@ -46,10 +47,13 @@ def kl_topk_rest(ref_topk: np.ndarray, ref_rest: np.ndarray, var_at_ref: np.ndar
     pr = np.asarray(ref_rest, dtype=np.float64)
     qr = np.asarray(var_rest, dtype=np.float64)
     kl = (np.exp(p) * (p - q)).sum(axis=1)
-    # float32 log-probs resolve the top-k's total mass to about 1e-7: a reference rest below 1e-6 is
-    # rounding, not mass (the bucket is dropped); a variant rest is floored at 1e-7 for the same reason.
-    has_rest = pr > REST_FLOOR_LOG
-    kl[has_rest] += np.exp(pr[has_rest]) * (pr[has_rest] - np.maximum(qr[has_rest], VARIANT_REST_FLOOR_LOG))
+    # float32 log-probs resolve the top-k's total mass to about 1e-7: the variant's rest is floored at
+    # 1e-7, and a reference rest below 1e-6 (rounding, not mass) only ever lowers the result, so the
+    # bound stays a lower bound of the full KL.
+    finite = np.isfinite(pr)
+    term = np.zeros_like(pr)
+    term[finite] = np.exp(pr[finite]) * (pr[finite] - np.maximum(qr[finite], VARIANT_REST_FLOOR_LOG))
+    kl += np.where(pr > REST_FLOOR_LOG, term, np.minimum(term, 0.0))
     return np.maximum(kl, 0.0)  # >= 0 exactly; rounding can leave -1e-9
 
 
@@ -57,7 +61,9 @@ def kl_full(ref_logprobs: np.ndarray, var_logprobs: np.ndarray) -> np.ndarray:
     """Per-token full KL(reference || variant) from complete (n, vocab) log-prob rows."""
     p = np.asarray(ref_logprobs, dtype=np.float64)
     q = np.asarray(var_logprobs, dtype=np.float64)
-    return np.maximum((np.exp(p) * (p - q)).sum(axis=1), 0.0)
+    with np.errstate(invalid="ignore"):  # 0 * (-inf - x): a token the reference rules out adds nothing
+        terms = np.where(np.isfinite(p), np.exp(p) * (p - q), 0.0)
+    return np.maximum(terms.sum(axis=1), 0.0)
 
 
 @dataclass(frozen=True)
@@ -116,21 +122,22 @@ class PairedComparison:
     kl_kind: str  # "lower bound (top-k + rest)" or "exact"
     top_k: int | None
     kl_mean: float
-    kl_interval: Interval
+    kl_interval: Interval | None
     kl_p99: float
     kl_p999: float
     kl_max: float
     top1: float
-    top1_interval: Interval
+    top1_interval: Interval  # Wilson (binomial), widened to the block bootstrap's where that is wider
     ppl_ratio: float
-    ppl_ratio_interval: Interval
+    ppl_ratio_interval: Interval | None
     ppl_ratio_se_log: float  # bootstrap standard error of log(ratio)
     delta_p: dict  # distribution of p_variant(correct) - p_reference(correct), as llama.cpp prints it
 
     def as_dict(self) -> dict:
         d = asdict(self)
         for key in ("kl_interval", "top1_interval", "ppl_ratio_interval"):
-            d[key] = [getattr(self, key).low, getattr(self, key).high]
+            value = getattr(self, key)
+            d[key] = None if value is None else [value.low, value.high]
         return d
 
 
@@ -158,18 +165,28 @@ def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, s
     if not (len(var_target) == len(kl) == len(same_top1) == n) or n == 0:
         raise ValueError("paired arrays must be non-empty and of equal length")
     nll_diff = np.asarray(ref_target, np.float64) - np.asarray(var_target, np.float64)  # NLL_var - NLL_ref
+    kl = np.asarray(kl, np.float64)
+    if not (np.isfinite(nll_diff).all() and np.isfinite(kl).all()):
+        raise ValueError("paired scores or KL divergences are not finite")
     log_ratio = float(nll_diff.mean())
-    boot_log_ratio = bootstrap_block_means(nll_diff, block_sizes)
-    boot_kl = bootstrap_block_means(kl, block_sizes)
     agree = int(np.count_nonzero(same_top1))
+    top1_interval = wilson_interval(agree, n)
+    enough = len(block_sizes) >= MIN_BLOCKS
+    if enough:
+        boot_log_ratio = bootstrap_block_means(nll_diff, block_sizes)
+        boot_top1 = percentile_interval(bootstrap_block_means(np.asarray(same_top1, np.float64), block_sizes))
+        # tokens within a window are correlated: never claim more certainty than the block bootstrap gives
+        top1_interval = Interval(min(top1_interval.low, boot_top1.low), max(top1_interval.high, boot_top1.high))
     kl_p99, kl_p999 = np.percentile(kl, [99, 99.9])
     return PairedComparison(
         tokens=n, blocks=len(block_sizes), kl_kind=kl_kind, top_k=top_k,
-        kl_mean=float(np.mean(kl)), kl_interval=percentile_interval(boot_kl),
+        kl_mean=float(np.mean(kl)),
+        kl_interval=percentile_interval(bootstrap_block_means(kl, block_sizes)) if enough else None,
         kl_p99=float(kl_p99), kl_p999=float(kl_p999), kl_max=float(np.max(kl)),
-        top1=agree / n, top1_interval=wilson_interval(agree, n),
-        ppl_ratio=math.exp(log_ratio), ppl_ratio_interval=Interval(*np.exp(np.percentile(boot_log_ratio, [2.5, 97.5]))),
-        ppl_ratio_se_log=float(np.std(boot_log_ratio, ddof=1)),
+        top1=agree / n, top1_interval=top1_interval,
+        ppl_ratio=math.exp(log_ratio),
+        ppl_ratio_interval=Interval(*np.exp(np.percentile(boot_log_ratio, [2.5, 97.5]))) if enough else None,
+        ppl_ratio_se_log=float(np.std(boot_log_ratio, ddof=1)) if enough else float("nan"),
         delta_p=delta_p_summary(ref_target, var_target),
     )
 

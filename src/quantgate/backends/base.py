@@ -37,22 +37,24 @@ class ScoringBackend(abc.ABC):
 
         targets = torch.as_tensor(np.asarray(ids, dtype=np.int64)[scored_positions(list(windows))])
         gather = None if gather_ids is None else torch.as_tensor(np.asarray(gather_ids, dtype=np.int64))
-        pieces: dict[str, list] = {"logprobs": [], "argmax": []}
+        pieces: dict[str, list] = {"logprobs": [], "argmax": [], "max_logprob": []}
         row = 0
-        for dist in self.iter_logprobs(ids, windows, batch_size):
+        for dist in self.iter_logprobs(ids, windows, batch_size):  # reduced where it lives (GPU), then moved
             n = dist.shape[0]
-            pieces["logprobs"].append(dist.gather(1, targets[row:row + n, None]).squeeze(1).double())
-            pieces["argmax"].append(dist.argmax(dim=1))
+            pieces["logprobs"].append(dist.gather(1, targets[row:row + n, None].to(dist.device)).squeeze(1).double().cpu())
+            best = dist.max(dim=1)
+            pieces["argmax"].append(best.indices.cpu())
+            pieces["max_logprob"].append(best.values.float().cpu())
             if top_k:
                 values, indices = dist.topk(top_k, dim=1)
-                pieces.setdefault("topk_ids", []).append(indices)
-                pieces.setdefault("topk_logprobs", []).append(values.float())
+                pieces.setdefault("topk_ids", []).append(indices.cpu())
+                pieces.setdefault("topk_logprobs", []).append(values.float().cpu())
             if gather is not None:
-                pieces.setdefault("gathered", []).append(dist.gather(1, gather[row:row + n]).float())
+                pieces.setdefault("gathered", []).append(dist.gather(1, gather[row:row + n].to(dist.device)).float().cpu())
             row += n
         if row != len(targets):
             raise RuntimeError(f"{self.name}: {row} scores for {len(targets)} targets")
-        empty = {"logprobs": np.zeros(0), "argmax": np.zeros(0, np.int64),
+        empty = {"logprobs": np.zeros(0), "argmax": np.zeros(0, np.int64), "max_logprob": np.zeros(0, np.float32),
                  "topk_ids": np.zeros((0, top_k), np.int64), "topk_logprobs": np.zeros((0, top_k), np.float32),
                  "gathered": np.zeros((0, 0 if gather is None else gather.shape[1]), np.float32)}
         out = {k: torch.cat(v).numpy() if v else empty[k] for k, v in pieces.items()}
@@ -70,7 +72,7 @@ class ScoringBackend(abc.ABC):
             raise ValueError(f"gather_ids has {len(gather_ids)} rows for {len(positions)} scored targets")
         got = self.score_windows(ids, windows, batch_size, top_k=top_k, gather_ids=gather_ids)
         logprobs = np.asarray(got["logprobs"], dtype=np.float64)
-        for name in ("logprobs", "gathered"):
+        for name in ("logprobs", "gathered", "topk_logprobs"):
             values = got.get(name)
             bad = None if values is None else ~np.isfinite(values).reshape(len(positions), -1).all(axis=1)
             if bad is not None and bad.any():
@@ -79,5 +81,55 @@ class ScoringBackend(abc.ABC):
                     f"{self.name} produced {int(bad.sum())} non-finite log-probabilities "
                     f"(first at token {first}): the model or its kernels are broken")
         return TokenScores(positions=positions, logprobs=logprobs, argmax=got["argmax"].astype(np.int64),
+                           max_logprob=got["max_logprob"],
                            topk_ids=got.get("topk_ids"), topk_logprobs=got.get("topk_logprobs"),
                            gathered=got.get("gathered"), block_sizes=np.array([w.n_scored for w in windows], np.int64))
+
+    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
+                      batch_size: int) -> list[tuple[float, bool]]:
+        """lm-evaluation-harness's `loglikelihood` on token ids: for each (context, continuation),
+        the sum of log p(continuation | context) and whether greedy decoding would produce the
+        continuation. The joined sequence is cut from the left to max_length tokens."""
+        flat: list[int] = []
+        windows: list[Window] = []
+        for context, continuation in requests:
+            if not continuation:
+                raise ValueError("an empty continuation has no likelihood")
+            tokens = (list(context) + list(continuation))[-max_length:]
+            if len(tokens) <= len(continuation):
+                raise ValueError(f"continuation of {len(continuation)} tokens leaves no context within {max_length}")
+            begin = len(flat)
+            flat.extend(tokens)
+            windows.append(Window(begin, begin + len(tokens), begin + len(tokens) - len(continuation)))
+        ids = np.asarray(flat, dtype=np.int64)
+        got = self.score_windows(ids, windows, batch_size)
+        targets = ids[scored_positions(windows)]
+        out, row = [], 0
+        for w in windows:
+            span = slice(row, row + w.n_scored)
+            total = float(got["logprobs"][span].sum())
+            if not np.isfinite(total):
+                raise NonFiniteScores(f"{self.name} produced a non-finite log-likelihood")
+            out.append((total, bool((got["argmax"][span] == targets[span]).all())))
+            row += w.n_scored
+        return out
+
+    def generate_until(self, context: Sequence[int], *, max_new_tokens: int, max_length: int,
+                       stop: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of `context` (deterministic on CPU), at most max_new_tokens, ending
+        before the first token in `stop`. This generic version re-scores the window each step;
+        backends with a KV cache override it."""
+        tokens = list(context)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            window = np.asarray(tokens[-max_length:], dtype=np.int64)
+            if len(window) < 1:
+                raise ValueError("generation needs at least one context token")
+            # A placeholder target after the context: its row is the next-token distribution.
+            (rows,) = list(self.iter_logprobs(np.append(window, 0), [Window(0, len(window) + 1, len(window))], 1))
+            nxt = int(rows[-1].argmax().item())
+            if nxt in stop:
+                break
+            generated.append(nxt)
+            tokens.append(nxt)
+        return generated

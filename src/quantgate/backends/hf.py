@@ -39,4 +39,4 @@ class TransformersBackend(ScoringBackend):
                     attention[row, :n] = 1
                     scored[row, w.score_from - w.begin - 1:n - 1] = True  # position i predicts token i + 1
                 logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device)).logits
-                yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1).cpu()
+                yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
