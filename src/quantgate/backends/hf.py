@@ -40,3 +40,20 @@ class TransformersBackend(ScoringBackend):
                     scored[row, w.score_from - w.begin - 1:n - 1] = True  # position i predicts token i + 1
                 logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device)).logits
                 yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
+
+    def generate_until(self, context, *, max_new_tokens: int, max_length: int, stop=()) -> list[int]:
+        """Greedy decoding with the model's KV cache (transformers' generate, sampling off)."""
+        import torch
+
+        keep = max(1, max_length - max_new_tokens)
+        ids = torch.as_tensor([list(context)[-keep:]], dtype=torch.long, device=self.device)
+        stop = [int(t) for t in stop]
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, num_beams=1, eos_token_id=stop or None,
+                                      pad_token_id=stop[0] if stop else 0)
+        new = out[0, ids.shape[1]:].tolist()
+        for i, token in enumerate(new):
+            if token in stop:
+                return new[:i]
+        return new

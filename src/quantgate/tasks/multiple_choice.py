@@ -1,8 +1,10 @@
 """Multiple-choice tasks scored by log-likelihood (lm-evaluation-harness style).
 
 Each item is a prompt and its choices; the model picks the choice whose continuation it finds
-most likely: raw (sum of log-probs, `acc`) or divided by the continuation's length in bytes
-(`acc_norm`). k-shot prompts put k solved examples (from a separate split) before the question.
+most likely: raw (sum of log-probs, `acc`), divided by the continuation's length in bytes
+(`acc_norm`), or minus the choice's log-likelihood after a neutral prompt (`acc_pmi`, pointwise
+mutual information: it stops generic, frequent continuations from winning by being frequent).
+k-shot prompts put k solved examples (from a separate split) before the question.
 The number of shots, the template and the scoring rule are part of the task's fingerprint.
 """
 
@@ -16,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 LETTERS = "ABCD"
-SCORING_RULES = ("acc", "acc_norm")
+SCORING_RULES = ("acc", "acc_norm", "acc_pmi")
+NEUTRAL_PROMPT = "\n"  # the acc_pmi baseline context
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ def ceval_items(records: Sequence[dict]) -> list[ChoiceItem]:
 
 def next_line_items(records: Sequence[dict]) -> list[ChoiceItem]:
     """The demo's code task (fixtures/demo_tasks): preceding lines, and candidate next lines."""
-    return [ChoiceItem(id=r["id"], prompt=r["context"], choices=tuple(r["choices"]), answer=int(r["answer"]))
-            for r in records]
+    return [ChoiceItem(id=r["id"], prompt=r["context"], choices=tuple("\n" + c for c in r["choices"]),
+                       answer=int(r["answer"])) for r in records]
 
 
 def with_shots(item: ChoiceItem, shots: Sequence[ChoiceItem]) -> str:
@@ -82,6 +85,11 @@ def score_choices(backend, tokenizer, items: Sequence[ChoiceItem], *, shots: Seq
             owners.append(n)
     results = backend.loglikelihood(requests, max_length=max_length, batch_size=batch_size)
     scores = np.array([ll for ll, _ in results])
+    if scoring == "acc_pmi":
+        neutral = tokenizer(NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]
+        prior = backend.loglikelihood([(neutral, cont) for _, cont in requests], max_length=max_length,
+                                      batch_size=batch_size)
+        scores = scores - np.array([ll for ll, _ in prior])
     if scoring == "acc_norm":
         lengths = np.array([len(c.encode("utf-8")) for item in items for c in item.choices], dtype=np.float64)
         scores = scores / lengths

@@ -1,0 +1,78 @@
+"""Generation tasks scored by exact match: GSM8K-style answers and the demo's next line of code.
+
+Decoding is greedy (deterministic on CPU). A generation ends at max_new_tokens, before a token
+the task forbids (the next-line task stops at the first newline), and is then cut at the first
+of the task's stop strings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    id: str
+    prompt: str
+    answer: str  # the reference answer, already normalised by the task's extractor
+
+
+def normalise_number(text: str) -> str:
+    value = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    if re.fullmatch(r"-?\d+\.0+", value):
+        value = value.split(".")[0]
+    return value
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution: after '####' if present, else the last number."""
+    marked = re.search(r"####\s*(" + NUMBER.pattern + ")", text)
+    if marked:
+        return normalise_number(marked.group(1))
+    numbers = NUMBER.findall(text)
+    return normalise_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_items(records: Sequence[dict], shots: Sequence[dict] = ()) -> list[GenerationItem]:
+    """`gsm8k` (config `main`) schema: question, answer (worked solution ending in '#### N')."""
+    prefix = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    return [GenerationItem(id=f"gsm8k/{i}", prompt=f"{prefix}Question: {r['question']}\nAnswer:",
+                           answer=gsm8k_answer(r["answer"]) or "") for i, r in enumerate(records)]
+
+
+def line_end_items(records: Sequence[dict]) -> list[GenerationItem]:
+    """The demo's code task (fixtures/demo_tasks): preceding lines and the start of the next one;
+    write the rest of that line exactly."""
+    return [GenerationItem(id=r["id"], prompt=r["context"] + "\n" + r["prefix"], answer=r["answer"].rstrip())
+            for r in records]
+
+
+def rest_of_line(text: str) -> str:
+    """A continuation up to the end of its line."""
+    return text.split("\n", 1)[0].rstrip()
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token id whose text contains a newline (byte-level BPE merges newlines with indentation)."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
+def score_generation(backend, tokenizer, items: Sequence[GenerationItem], *, extract: Callable[[str], Any],
+                     max_new_tokens: int, max_length: int, stop_ids: Sequence[int] = (),
+                     stop_strings: Sequence[str] = ()) -> dict[str, Any]:
+    outputs, correct = [], []
+    stop = set(stop_ids)
+    for item in items:
+        context = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+        text = tokenizer.decode(backend.generate_until(context, max_new_tokens=max_new_tokens,
+                                                       max_length=max_length, stop=stop))
+        cut = min([text.index(s) for s in stop_strings if s in text], default=len(text))
+        text = text[:cut]
+        outputs.append(text)
+        correct.append(extract(text) == item.answer)
+    return {"ids": [i.id for i in items], "outputs": outputs, "correct": correct,
+            "accuracy": sum(correct) / len(correct) if correct else float("nan")}
