@@ -105,6 +105,24 @@ def test_llama_cpp_scores_the_f16_file_like_transformers(tiny_gguf):
     np.testing.assert_allclose(ours.topk_logprobs[:, 0], theirs.topk_logprobs[:, 0], atol=2e-2)
 
 
+def test_llama_cpp_answers_loglikelihood_and_generation_requests_like_transformers(tiny_gguf):
+    needs_llama_cpp()
+    from quantgate.backends.llamacpp import LlamaCppBackend
+
+    ids = [int(i) for i in tiny_gguf["ids"]]
+    requests = [(ids[:30], ids[30:34]), (ids[5:20], ids[20:21])]
+    theirs = TransformersBackend(_hf(tiny_gguf["hf"]), "cpu")
+    backend = LlamaCppBackend(tiny_gguf["f16"], n_threads=2)
+    try:
+        ours = backend.loglikelihood(requests, max_length=48, batch_size=2)
+        expected = theirs.loglikelihood(requests, max_length=48, batch_size=2)
+        np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in expected], atol=5e-2)
+        generated = backend.generate_until(ids[:30], max_new_tokens=3, max_length=48)
+        assert len(generated) == 3 and generated[0] == theirs.generate_until(ids[:30], max_new_tokens=1, max_length=48)[0]
+    finally:
+        backend.close()
+
+
 def test_quantized_files_are_smaller_and_load(tiny_gguf):
     needs_llama_cpp()
     from quantgate.backends.llamacpp import LlamaCppBackend
