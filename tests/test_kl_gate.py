@@ -45,6 +45,12 @@ def demo_project(tmp_path, variant_block):
     return load_manifest(tmp_path / "quantgate.toml")
 
 
+def fp16_variant(name, path, **bounds):
+    """A manifest block for a checkpoint gated as format fp16, with optional bound overrides."""
+    extra = "".join(f"{key} = {value}\n" for key, value in bounds.items())
+    return f'\n[[models.demo.variants]]\nname = "{name}"\nformat = "fp16"\nbits = 16\npath = "{path}"\n{extra}'
+
+
 def gate_for(manifest):
     report = RunReport(profile="fast", device="cpu")
     return Gate(Evaluator(manifest=manifest, profile="fast", device="cpu"), load_table(), report), report
@@ -52,16 +58,8 @@ def gate_for(manifest):
 
 def test_a_perturbed_layer_fails_on_kl_and_top1_while_perplexity_passes(tmp_path, perturbed):
     row = find_row(load_table(), "gptq", 4)  # held to the GPTQ 4-bit row's three bounds
-    manifest = demo_project(tmp_path, f"""
-[[models.demo.variants]]
-name = "perturbed"
-format = "fp16"
-bits = 16
-path = "{perturbed}"
-max_ratio = {row.high}
-max_kl = {row.max_kl}
-min_top1 = {row.min_top1}
-""")
+    manifest = demo_project(tmp_path, fp16_variant("perturbed", perturbed, max_ratio=row.high, max_kl=row.max_kl,
+                                                   min_top1=row.min_top1))
     gate, report = gate_for(manifest)
     case = Case("demo", "perturbed", "prose")
     gate.relative_perplexity(case)  # passes: prose perplexity moves by 0.1%
@@ -79,13 +77,7 @@ min_top1 = {row.min_top1}
 
 
 def test_two_runs_on_cpu_give_identical_numbers(tmp_path):
-    manifest = demo_project(tmp_path, """
-[[models.demo.variants]]
-name = "fp16"
-format = "fp16"
-bits = 16
-path = "fixtures/demo_zoo/reference"
-""".replace("fixtures/demo_zoo/reference", str(REFERENCE)))
+    manifest = demo_project(tmp_path, fp16_variant("fp16", REFERENCE))
     results = []
     for _ in range(2):
         gate, report = gate_for(manifest)
@@ -105,13 +97,7 @@ def test_a_baseline_without_top_k_rows_is_refused_for_kl_by_name(tmp_path):
     stored = bl.read_baseline(copy / "demo" / "code.fast.json")
     stored.topk_ids = stored.topk_logprobs = None  # as schema 1 and 2 baselines were written
     bl.write_baseline(stored, copy / "demo" / "code.fast.json")
-    manifest = demo_project(tmp_path, f"""
-[[models.demo.variants]]
-name = "fp16"
-format = "fp16"
-bits = 16
-path = "{REFERENCE}"
-""")
+    manifest = demo_project(tmp_path, fp16_variant("fp16", REFERENCE))
     manifest = manifest.__class__(**{**manifest.__dict__, "baselines_dir": copy})
     gate, report = gate_for(manifest)
     gate.relative_perplexity(Case("demo", "fp16", "code"))  # perplexity still compares
@@ -121,13 +107,7 @@ path = "{REFERENCE}"
 
 
 def test_exact_mode_reports_the_full_kl_at_or_above_the_bound(tmp_path, perturbed):
-    manifest = demo_project(tmp_path, f"""
-[[models.demo.variants]]
-name = "perturbed"
-format = "fp16"
-bits = 16
-path = "{perturbed}"
-""")
+    manifest = demo_project(tmp_path, fp16_variant("perturbed", perturbed))
     bound = Evaluator(manifest=manifest, profile="fast", device="cpu")
     exact = Evaluator(manifest=manifest, profile="fast", device="cpu", exact_kl=True)
     baseline = bound.comparable_baseline("demo", "code")
