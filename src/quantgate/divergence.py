@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .perplexity import Window, plan_windows
-from .stats import kl_topk_rest, rest_logprob
+from .stats import kl_full, kl_topk_rest, rest_logprob
 
 
 def kl_bound_from_baseline(ref_topk_logprobs: np.ndarray, var_gathered: np.ndarray) -> np.ndarray:
@@ -55,8 +55,7 @@ def exact_kl(reference, variant, ids: np.ndarray, windows: Sequence[Window], bat
             p = ref_rows[start:start + chunk_rows].double()
             q = var_rows[start:start + chunk_rows, :p.shape[1]].to(p.device).double()
             q = q - torch.logsumexp(q, dim=1, keepdim=True)  # a padded vocabulary: renormalise over the shared ids
-            terms = torch.where(torch.isfinite(p), p.exp() * (p - q), torch.zeros_like(p))
-            exact.append(terms.sum(dim=1).clamp_min(0).cpu().numpy())
+            exact.append(kl_full(p.cpu().numpy(), q.cpu().numpy()))
             if with_bound:
                 ref_top, top = p.topk(top_k, dim=1)
                 var_top = q.gather(1, top)
