@@ -119,6 +119,12 @@ def test_llama_cpp_answers_loglikelihood_and_generation_requests_like_transforme
         np.testing.assert_allclose([x for x, _ in ours], [x for x, _ in expected], atol=5e-2)
         generated = backend.generate_until(ids[:30], max_new_tokens=3, max_length=48)
         assert len(generated) == 3 and generated[0] == theirs.generate_until(ids[:30], max_new_tokens=1, max_length=48)[0]
+        # the KV-cache decoding gives what re-scoring the whole window at every step gives
+        from quantgate.backends.base import ScoringBackend
+
+        rescored = ScoringBackend.generate_until(backend, ids[:30], max_new_tokens=6, max_length=48)
+        assert backend.generate_until(ids[:30], max_new_tokens=6, max_length=48) == rescored
+        assert backend.generate_until(ids[:30], max_new_tokens=6, max_length=48, stop=[rescored[2]]) == rescored[:2]
     finally:
         backend.close()
 

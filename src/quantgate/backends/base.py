@@ -102,15 +102,19 @@ class ScoringBackend(abc.ABC):
             flat.extend(tokens)
             windows.append(Window(begin, begin + len(tokens), begin + len(tokens) - len(continuation)))
         ids = np.asarray(flat, dtype=np.int64)
-        got = self.score_windows(ids, windows, batch_size)
-        targets = ids[scored_positions(windows)]
-        out, row = [], 0
-        for w in windows:
+        # Longest first, so that each batch holds requests of similar length (little padding).
+        order = sorted(range(len(windows)), key=lambda i: windows[i].begin - windows[i].end)
+        ordered = [windows[i] for i in order]
+        got = self.score_windows(ids, ordered, batch_size)
+        targets = ids[scored_positions(ordered)]
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
+        row = 0
+        for i, w in zip(order, ordered, strict=True):
             span = slice(row, row + w.n_scored)
             total = float(got["logprobs"][span].sum())
             if not np.isfinite(total):
                 raise NonFiniteScores(f"{self.name} produced a non-finite log-likelihood")
-            out.append((total, bool((got["argmax"][span] == targets[span]).all())))
+            out[i] = (total, bool((got["argmax"][span] == targets[span]).all()))
             row += w.n_scored
         return out
 

@@ -130,6 +130,38 @@ class LlamaCppBackend(ScoringBackend):
             logits = torch.from_numpy(self._window_logits(ids[w.begin:w.end], w.score_from - 1 - w.begin))
             yield torch.log_softmax(logits.double(), dim=-1)
 
+    def _decode_last(self, ctx, tokens: list[int], start: int) -> np.ndarray:
+        """Append tokens to the KV cache at positions start.., returning the logits after the last one."""
+        lc, batch = self._lc, self._batch
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        batch.n_tokens = len(tokens)
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {start}")
+        return np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(1, self.n_vocab))[0].copy()
+
+    def generate_until(self, context, *, max_new_tokens: int, max_length: int, stop=()) -> list[int]:
+        """Greedy decoding on llama.cpp's KV cache: the context once, then one token per step."""
+        keep = max(1, max_length - max_new_tokens)
+        tokens = [int(t) for t in list(context)[-keep:]]
+        ctx = self._context(len(tokens) + max_new_tokens)
+        self._lc.llama_memory_clear(self._lc.llama_get_memory(ctx), True)
+        logits = self._decode_last(ctx, tokens, 0)
+        stop, generated = set(int(t) for t in stop), []
+        for step in range(max_new_tokens):
+            nxt = int(np.argmax(logits))
+            if nxt in stop:
+                break
+            generated.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self._decode_last(ctx, [nxt], len(tokens) + step)
+        return generated
+
     def _free_context(self):
         if self._ctx is not None:
             self._lc.llama_batch_free(self._batch)
