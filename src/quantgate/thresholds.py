@@ -62,6 +62,29 @@ def load_table(path: Path | None = None) -> list[TableRow]:
     return rows
 
 
+def load_capabilities(path: Path | None = None) -> dict[str, float]:
+    """capability -> maximum task-score drop (absolute points, 0.05 = five), from the table's [capability.*]."""
+    text = Path(path).read_text() if path else resources.files("quantgate").joinpath("data/acceptability.toml").read_text()
+    where = path or "quantgate/data/acceptability.toml"
+    out = {}
+    for name, entry in tomllib.loads(text).get("capability", {}).items():
+        drop = entry.get("max_drop") if isinstance(entry, dict) else None
+        if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop <= 1:
+            raise QuantgateError(f"{where}: [capability.{name}] needs max_drop between 0 and 1, got {drop!r}")
+        out[name] = float(drop)
+    return out
+
+
+def drop_bound(capabilities: dict[str, float], capability: str, variant_override: dict[str, float]) -> Bound:
+    """The largest task-score drop allowed for a capability: variant override, then the table."""
+    if capability in variant_override:
+        return Bound(variant_override[capability], f"manifest variant max_drop[{capability!r}]", None)
+    if capability not in capabilities:
+        raise QuantgateError(f"the acceptability table sets no max_drop for capability {capability!r}; add "
+                             f"[capability.{capability}] to it or give the variant max_drop = {{ {capability} = ... }}")
+    return Bound(capabilities[capability], f"acceptability table [capability.{capability}]", None)
+
+
 def find_row(rows: list[TableRow], fmt: str, bits: int) -> TableRow | None:
     return next((r for r in rows if r.format == fmt and r.bits == bits), None)
 

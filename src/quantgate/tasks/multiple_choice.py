@@ -72,14 +72,17 @@ def fingerprint(items: Sequence[ChoiceItem], *, shots: int, template: str, scori
 
 
 def score_choices(backend, tokenizer, items: Sequence[ChoiceItem], *, shots: Sequence[ChoiceItem] = (),
-                  scoring: str = "acc", max_length: int, batch_size: int) -> dict[str, Any]:
+                  item_shots: Sequence[Sequence[ChoiceItem]] | None = None, scoring: str = "acc", max_length: int,
+                  batch_size: int) -> dict[str, Any]:
     """Per item: the chosen index and whether it is right. The prompt is encoded once per item and each
-    choice separately, so every model sees the very same ids."""
+    choice separately, so every model sees the very same ids. `shots` go before every item;
+    `item_shots` gives each item its own (MMLU: examples of the item's subject)."""
     if scoring not in SCORING_RULES:
         raise ValueError(f"scoring must be one of {SCORING_RULES}, got {scoring!r}")
     requests, owners = [], []
     for n, item in enumerate(items):
-        context = tokenizer(with_shots(item, shots), add_special_tokens=False)["input_ids"]
+        solved = item_shots[n] if item_shots is not None else shots
+        context = tokenizer(with_shots(item, solved), add_special_tokens=False)["input_ids"]
         for choice in item.choices:
             requests.append((context, tokenizer(choice, add_special_tokens=False)["input_ids"]))
             owners.append(n)
