@@ -12,7 +12,7 @@ from .evaluation import Evaluator
 from .gate import FAIL, REVERSAL, XFAIL, judge, judge_metric
 from .protocol import environment_changes
 from .report import Record, RunReport
-from .thresholds import TableRow, choose_bound, distribution_bound, find_row
+from .thresholds import TableRow, choose_bound, distribution_bound, drop_bound, find_row
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,25 @@ class Case:
         return f"{self.model}/{self.variant}/{self.corpus}"
 
 
+@dataclass(frozen=True)
+class TaskCase:
+    model: str
+    variant: str
+    task: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.variant}/{self.task}"
+
+
+FLIPS_SHOWN = 8  # flipped item ids quoted in a failure message (all of them are in --quality-json)
+
+
 class Gate:
-    def __init__(self, evaluator: Evaluator, table: list[TableRow], report: RunReport):
+    def __init__(self, evaluator: Evaluator, table: list[TableRow], report: RunReport,
+                 capabilities: dict[str, float] | None = None):
         self.evaluator, self.table, self.report = evaluator, table, report
+        self.capabilities = capabilities or {}
 
     def _record(self, case: Case, metric: str) -> tuple[Record, object]:
         variant = self.evaluator.variant(case.model, case.variant)
@@ -146,6 +162,72 @@ class Gate:
         record.verdict, record.value = j.verdict, value
         record.interval = None if interval is None else [interval.low, interval.high]
         record.tokens_scored, record.protocol_fingerprint, record.note = st.tokens, m.protocol.fingerprint, j.note
+        if j.outcome == FAIL:
+            record.detail = j.message.splitlines()[0]
+            pytest.fail(j.message, pytrace=False)
+        if j.outcome == XFAIL:
+            pytest.xfail(j.message)
+
+    def task_score(self, case: TaskCase) -> None:
+        """The variant's task score against FP16's, paired by item, within the capability's max drop."""
+        ev = self.evaluator
+        variant = ev.variant(case.model, case.variant)
+        spec = ev.manifest.tasks[case.task]
+        record = Record(model=case.model, variant=case.variant, corpus=f"task:{case.task}", metric="task_score_drop",
+                        format=variant.format, bits=variant.bits, group_size=variant.group_size,
+                        desc_act=variant.desc_act, scheme=variant.scheme, outlier_handling=variant.outlier_handling,
+                        calibration=variant.calibration, backend=variant.backend, verdict="error",
+                        capability=spec.capability)
+        self.report.records.append(record)
+        row = find_row(self.table, variant.format, variant.bits)
+        try:
+            bound = drop_bound(self.capabilities, spec.capability, variant.max_drop)
+            ev.require_backend(case.model, case.variant)
+            baseline = ev.comparable_task_baseline(case.model, case.task, variant.backend)
+            result, cmp = ev.compare_task(case.model, case.variant, case.task, baseline)
+        except DeviceUnavailable as exc:
+            record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
+            pytest.skip(str(exc))
+        except CannotTest as exc:
+            record.verdict, record.detail = "cannot test", str(exc).splitlines()[0]
+            raise
+        except QuantgateError as exc:
+            record.detail = str(exc).splitlines()[0]
+            raise
+        problematic = row is not None and row.acceptable == "Problematic" and spec.capability not in variant.max_drop
+        limit = None if problematic else bound.value
+        record.bound, record.bound_source = bound.value, bound.source
+        record.table_row = row.describe() if row else None
+        record.value, record.baseline = cmp.variant_score, cmp.reference_score
+        record.interval = [cmp.drop_interval.low, cmp.drop_interval.high]
+        record.tokens_scored, record.eval_seconds = cmp.items, round(result.seconds, 3)
+        record.protocol_fingerprint = baseline.fingerprint
+        record.distribution = {**cmp.as_dict(), "scoring": spec.scoring, "task": case.task}
+
+        def listed(ids: tuple[str, ...]) -> str:
+            shown = ", ".join(ids[:FLIPS_SHOWN])
+            return (shown + (f", ... ({len(ids) - FLIPS_SHOWN} more)" if len(ids) > FLIPS_SHOWN else "")) or "none"
+
+        details = [f"scores    : FP16 {cmp.reference_score:.4f}, variant {cmp.variant_score:.4f} over {cmp.items} "
+                   f"items ({spec.scoring}, {spec.schema}, {spec.shots}-shot)",
+                   f"flipped   : {len(cmp.lost)} lost, {len(cmp.gained)} gained (exact McNemar p = {cmp.mcnemar_p:.3g})",
+                   f"lost      : {listed(cmp.lost)}",
+                   f"gained    : {listed(cmp.gained)}",
+                   f"baseline  : {os.path.relpath(baseline.path, ev.manifest.root)} (task protocol {baseline.fingerprint})"]
+        j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=f"task {case.task}",
+                         metric=f"{spec.capability} score drop", value=cmp.drop, interval=cmp.drop_interval,
+                         bound=limit, higher_is_better=False, rule=ev.manifest.exceedance,
+                         row_text=f"{row.describe() if row else 'none'}; max drop from {bound.source}",
+                         details=details, marginal=row is not None and row.acceptable == "Marginal",
+                         problematic=problematic)
+        note = j.note
+        if cmp.gained and len(cmp.gained) > len(cmp.lost) and cmp.mcnemar_p < 0.05:
+            note = (f"the variant scores significantly better than FP16 ({len(cmp.gained)} gained vs {len(cmp.lost)} "
+                    f"lost, p = {cmp.mcnemar_p:.3g}): investigate before trusting it")
+            import warnings
+
+            warnings.warn(pytest.PytestWarning(f"{case.id}: {note}"), stacklevel=2)
+        record.verdict, record.note = j.verdict, note
         if j.outcome == FAIL:
             record.detail = j.message.splitlines()[0]
             pytest.fail(j.message, pytrace=False)

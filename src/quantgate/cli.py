@@ -54,7 +54,8 @@ def cmd_baseline(args) -> int:
     refused = 0
     command = "quantgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for model in _models(manifest, args):
-        corpora = args.corpus or list(manifest.models[model].corpora)
+        # --corpus alone: corpora only; --task alone: tasks only; neither: everything the model declares
+        corpora = args.corpus or ([] if args.task else list(manifest.models[model].corpora))
         reference_sha = ev.reference_sha256(model)
         backends = args.backend or manifest.models[model].backends()
         for backend, profile, corpus in ((b, p, c) for b in backends for p in profiles for c in corpora):
@@ -109,8 +110,53 @@ def cmd_baseline(args) -> int:
             bl.write_baseline(baseline, path)
             print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
                   f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
+        tasks = args.task or ([] if args.corpus else list(manifest.models[model].tasks))
+        for backend, profile, task in ((b, p, t) for b in backends for p in profiles for t in tasks):
+            ev.profile = profile
+            refused += _task_baseline(ev, model, task, backend, args, command, reference_sha)
     ev.release()
     return 1 if refused else 0
+
+
+def _task_baseline(ev, model: str, task: str, backend: str, args, command: str, reference_sha: str) -> int:
+    """Measure and write one task baseline; 1 when an existing one was refused (never overwritten silently)."""
+    from . import baselines as bl
+    from .errors import BaselineFormatError, BaselineMissing
+    from .evaluation import REFERENCE
+    from .tasks.baseline import TaskBaseline, read_task_baseline, write_task_baseline
+
+    if task not in ev.model(model).tasks:
+        raise QuantgateError(f"model {model!r} is not evaluated on task {task!r}")
+    path = ev.task_baseline_path(model, task, backend)
+    protocol = ev.task_protocol(model, task, backend=backend)
+    try:
+        old = read_task_baseline(path)
+        same = old.protocol == protocol and old.provenance.get("reference_sha256") == reference_sha
+        if same and not args.force:
+            print(f"{path}: up to date (task protocol {old.fingerprint}); --force re-measures")
+            return 0
+        if not args.force:
+            diff = [k for k in sorted(set(protocol) | set(old.protocol)) if protocol.get(k) != old.protocol.get(k)]
+            print(f"{path}: REFUSED, the stored task baseline was measured differently "
+                  f"({', '.join(diff) or 'reference checkpoint changed'}); pass --force to replace it", file=sys.stderr)
+            return 1
+    except BaselineMissing:
+        pass
+    except BaselineFormatError as exc:
+        if not args.force:
+            print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
+            return 1
+    result = ev.run_task(model, REFERENCE, task, backend=backend)
+    baseline = TaskBaseline(
+        model=model, task=task, profile=ev.profile, capability=result.capability, protocol=protocol,
+        ids=result.ids, correct=result.correct, answers=result.answers, environment=ev.environment(),
+        provenance={**bl.git_state(ev.manifest.root), "created": bl.now_iso(), "command": command,
+                    "reference_path": os.path.relpath(ev.model(model).path, ev.manifest.root),
+                    "reference_sha256": reference_sha, "backend": backend, "eval_seconds": round(result.seconds, 2)})
+    write_task_baseline(baseline, path)
+    print(f"{path}: {result.capability} score {baseline.score:.4f} over {len(result.ids)} items "
+          f"(task protocol {baseline.fingerprint}, {result.seconds:.1f}s)")
+    return 0
 
 
 def cmd_zoo_build(args) -> int:
@@ -174,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="measure the FP16 references and write baselines/ (explicit request only)")
     _common(p)
     p.add_argument("--corpus", action="append", default=None)
+    p.add_argument("--task", action="append", default=None, help="task(s) to baseline (default: all of the model's; "
+                   "with --corpus only, none)")
     p.add_argument("--profile", default=None)
     p.add_argument("--all-profiles", action="store_true")
     p.add_argument("--force", action="store_true", help="replace baselines measured under another protocol")

@@ -77,6 +77,8 @@ class Evaluator:
     _reference_sha: dict[str, str] = field(default_factory=dict)
     _reference_params: dict[str, int | None] = field(default_factory=dict)
     _comparisons: dict[tuple, Comparison] = field(default_factory=dict)
+    _tasks: dict[tuple, Any] = field(default_factory=dict)
+    _task_comparisons: dict[tuple, Any] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -342,6 +344,86 @@ class Evaluator:
                 f"{what}: its tokenizer ({source}) turns corpus {corpus!r} into different token ids than the "
                 f"reference's ({len(own.ids)} vs {len(reference_tokens.ids)} tokens, first difference at token "
                 f"{first}): perplexities would not be comparable")
+
+    # -- tasks ----------------------------------------------------------------------------
+    def task(self, model: str, name: str, profile: str | None = None):
+        """The task's items under a profile's item cap, loaded once per session."""
+        from .tasks.suite import load_task
+
+        cap = self.settings(model, profile).task_items
+        key = (name, cap)
+        if key not in self._tasks:
+            self._tasks[key] = load_task(self.manifest.tasks[name], cap)
+        return self._tasks[key]
+
+    def task_protocol(self, model: str, name: str, profile: str | None = None,
+                      backend: str = "transformers") -> dict[str, Any]:
+        from .corpus import tokenizer_fingerprint
+        from .tasks.suite import task_protocol
+
+        s = self.settings(model, profile)
+        return task_protocol(self.task(model, name, profile), tokenizer_sha256=tokenizer_fingerprint(self.reference_tokenizer(model)),
+                             settings=s, backend=backend, dtype=s.dtype if backend == "transformers" else "native",
+                             device_class=device_class(self.device) if backend == "transformers" else "cpu")
+
+    def task_baseline_path(self, model: str, name: str, backend: str = "transformers") -> Path:
+        from .tasks.baseline import task_baseline_path
+
+        return task_baseline_path(self.manifest.baselines_dir, model, name, self.profile, backend)
+
+    def task_baseline_command(self, model: str, name: str, backend: str = "transformers") -> str:
+        profile = "" if self.profile == self.manifest.default_profile else f" --profile {self.profile}"
+        which = "" if backend == "transformers" else f" --backend {backend}"
+        return f"quantgate baseline --model {model} --task {name}{profile}{which}"
+
+    def comparable_task_baseline(self, model: str, name: str, backend: str = "transformers"):
+        """The stored task baseline, refused unless its task protocol and reference checkpoint match ours."""
+        from .protocol import fingerprint_of
+        from .tasks.baseline import read_task_baseline
+
+        command = self.task_baseline_command(model, name, backend)
+        baseline = read_task_baseline(self.task_baseline_path(model, name, backend), create_hint=command)
+        ours = self.task_protocol(model, name, backend=backend)
+        if ours != baseline.protocol:
+            keys = sorted(set(ours) | set(baseline.protocol))
+            diffs = [f"{k}: {ours.get(k)!r} != {baseline.protocol.get(k)!r}" for k in keys
+                     if ours.get(k) != baseline.protocol.get(k)]
+            raise ProtocolMismatch("\n".join([
+                f"refusing to compare {model}/task {name}: its protocol differs from the baseline's in "
+                + ", ".join(d.split(":", 1)[0] for d in diffs),
+                f"  manifest task protocol : {fingerprint_of(ours)}",
+                f"  baseline task protocol : {baseline.fingerprint} ({baseline.path})",
+                "  current != baseline:", *(f"    {d}" for d in diffs),
+                f"  Restore the task, or re-baseline on purpose: {command} --force"]))
+        if baseline.provenance.get("reference_sha256") != self.reference_sha256(model):
+            raise ProtocolMismatch(f"refusing to compare {model}/task {name}: the reference checkpoint changed since "
+                                   f"the task baseline was measured; re-baseline: {command} --force")
+        return baseline
+
+    def run_task(self, model: str, variant: str | None, name: str, backend: str | None = None):
+        """Score a task with one checkpoint (loaded, or already resident), fed the reference tokenizer's ids."""
+        from .tasks.suite import run_task
+
+        backend_name = backend or self.backend_of(model, variant)
+        settings = self.settings(model)
+        loaded = self.checkpoint(model, variant, backend_name)
+        if loaded.description["tokenizer_from"] != str(self.model(model).path):
+            corpus = self.model(model).corpora[0]
+            self._check_tokenizer(model, variant, corpus, loaded, settings, self.tokenized(model, corpus, settings))
+        return run_task(self.task(model, name), loaded.backend, self.reference_tokenizer(model), settings)
+
+    def compare_task(self, model: str, variant: str, name: str, baseline):
+        """A variant's task result against the FP16 baseline's, item by item; cached per case."""
+        from .stats import paired_drop
+
+        key = (model, variant, name, self.profile)
+        if key not in self._task_comparisons:
+            result = self.run_task(model, variant, name)
+            if result.ids != baseline.ids:
+                raise ProtocolMismatch(f"{model}/{variant} task {name}: items differ from the baseline's "
+                                       f"({len(result.ids)} vs {len(baseline.ids)})")
+            self._task_comparisons[key] = (result, paired_drop(result.ids, baseline.correct, result.correct))
+        return self._task_comparisons[key]
 
     def environment(self) -> dict[str, Any]:
         return environment(self.device)

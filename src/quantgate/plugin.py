@@ -103,14 +103,22 @@ def _state(config: pytest.Config) -> QualityState:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wants_case = "quality_case" in metafunc.fixturenames
     wants_protocol = "quality_protocol_case" in metafunc.fixturenames
-    if not (wants_case or wants_protocol):
+    wants_task = "quality_task_case" in metafunc.fixturenames
+    wants_task_protocol = "quality_task_protocol_case" in metafunc.fixturenames
+    if not (wants_case or wants_protocol or wants_task or wants_task_protocol):
         return
     try:
         manifest = _state(metafunc.config).manifest()
     except ManifestError as exc:
         raise pytest.UsageError(str(exc)) from None
-    from .checks import Case
+    from .checks import Case, TaskCase
 
+    if wants_task:
+        tasks = [TaskCase(m.name, v.name, t) for m in manifest.models.values() for v in m.variants for t in m.tasks]
+        metafunc.parametrize("quality_task_case", tasks, ids=[c.id for c in tasks])
+    if wants_task_protocol:
+        pairs = [(m.name, t) for m in manifest.models.values() for t in m.tasks]
+        metafunc.parametrize("quality_task_protocol_case", pairs, ids=[f"{m}/{t}" for m, t in pairs])
     if wants_case:
         cases = [Case(m.name, v.name, c) for m in manifest.models.values() for v in m.variants for c in m.corpora]
         metafunc.parametrize("quality_case", cases, ids=[c.id for c in cases])
@@ -121,11 +129,33 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _group(item: pytest.Item) -> tuple[str, str] | None:
     callspec = getattr(item, "callspec", None)
-    case = callspec.params.get("quality_case") if callspec else None
+    params = callspec.params if callspec else {}
+    case = params.get("quality_case") or params.get("quality_task_case")
+    if case is None or _is_notset(case):
+        return None
     return (case.model, case.variant) if case is not None else None
 
 
+_CASE_PARAMS = ("quality_case", "quality_task_case", "quality_protocol_case", "quality_task_protocol_case")
+
+
+def _empty_case(item: pytest.Item) -> bool:
+    """A quality test whose case list is empty (e.g. a manifest without tasks): nothing to check."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec else {}
+    return any(_is_notset(params.get(name)) for name in _CASE_PARAMS)
+
+
+def _is_notset(value) -> bool:
+    # pytest's placeholder for a parameter of an empty parametrize list (private type, so by name)
+    return type(value).__name__ == "NotSetType"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    empty = [it for it in items if _empty_case(it)]
+    if empty:  # deselected, not skipped: --quality-strict fails on skips, and there is nothing to run
+        config.hook.pytest_deselected(items=empty)
+        items[:] = [it for it in items if not _empty_case(it)]
     # Keep every check of one (model, variant) together so it is loaded once and freed after.
     groups: dict[tuple[str, str], int] = {}
     for item in items:
@@ -155,9 +185,10 @@ def quality_evaluator(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def quality_gate(request: pytest.FixtureRequest, quality_evaluator):
     from .checks import Gate
-    from .thresholds import load_table
+    from .thresholds import load_capabilities, load_table
 
-    return Gate(quality_evaluator, load_table(quality_evaluator.manifest.table), _state(request.config).report)
+    table = quality_evaluator.manifest.table
+    return Gate(quality_evaluator, load_table(table), _state(request.config).report, load_capabilities(table))
 
 
 @pytest.fixture
@@ -171,6 +202,16 @@ def quality_protocols(request: pytest.FixtureRequest, quality_protocol_case, qua
             key = profile if backend == "transformers" else f"{profile} ({backend})"
             protocols[key] = quality_evaluator.protocol(model, corpus, profile, backend).as_dict()
     return protocols
+
+
+@pytest.fixture
+def quality_task_protocols(request: pytest.FixtureRequest, quality_task_protocol_case, quality_evaluator) -> dict:
+    """Every profile's protocol for one (model, task): what the task drift snapshot records."""
+    model, task = quality_task_protocol_case
+    manifest = _state(request.config).manifest()
+    return {(profile if backend == "transformers" else f"{profile} ({backend})"):
+            quality_evaluator.task_protocol(model, task, profile, backend)
+            for backend in manifest.models[model].backends() for profile in manifest.profile_names()}
 
 
 @pytest.hookimpl(wrapper=True)

@@ -43,6 +43,7 @@ class Record:
     note: str | None = None  # reported without failing: a small significant reversal, a noisy exceedance
     interval: list[float] | None = None  # 95% interval of `value` (KL / top-1 records)
     distribution: dict[str, Any] | None = None  # paired statistics against FP16 (stats.PairedComparison)
+    capability: str | None = None  # task records: what the task's score stands for
 
 
 @dataclass
@@ -83,6 +84,7 @@ class RunReport:
             ]) + " |")
         lines += self._backends_side_by_side()
         lines += self._distributions()
+        lines += self._tasks()
         methods = {(r.model, r.variant): r for r in self.records if r.scheme or r.calibration or r.outlier_handling}
         if methods:
             lines += ["", "| variant | scheme | group size | desc_act | outlier handling | calibration |", "|---|---|---|---|---|---|"]
@@ -143,6 +145,56 @@ class RunReport:
             lines.append(f"- {corpus} ({backend}, protocol {fingerprint}): {d['tokens']:,} tokens in {d['blocks']} "
                          f"windows; detectable change {detectable_ratio_change(se) * 100:.2f}% "
                          f"(paired SE of log ratio {se:.2e}, median of {len(members)} variants)")
+        return lines
+
+    def _tasks(self) -> list[str]:
+        """Task scores against FP16 per (variant, task), then capabilities ranked by what each variant lost."""
+        rows = [r for r in self.records if r.metric == "task_score_drop"]
+        if not rows:
+            return []
+        lines = ["", "Task scores against FP16, paired by item (drop = FP16 score - variant score, in points; "
+                 "95% paired bootstrap interval; exact McNemar test on the flipped items):", "",
+                 "| variant | backend | task | capability | FP16 | variant | drop [95% CI] | lost / gained | "
+                 "McNemar p | max drop | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            d = r.distribution
+            if not d:
+                lines.append(f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus.removeprefix('task:')} | "
+                             f"{r.capability or '-'} | - | - | - | - | - | - | {r.verdict}: {r.detail or ''} |")
+                continue
+            lo, hi = d["drop_interval"]
+            lines.append(f"| {r.model}/{r.variant} | {r.backend or '-'} | {d['task']} | {r.capability} | "
+                         f"{d['reference_score']:.3f} | {d['variant_score']:.3f} | {d['drop']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{d['lost']} / {d['gained']} | {d['mcnemar_p']:.3g} | "
+                         f"{'none' if r.bound is None else format(r.bound, 'g')} | {r.verdict} |")
+        lines += self._capability_ranking(rows)
+        return lines
+
+    @staticmethod
+    def _capability_ranking(rows: list[Record]) -> list[str]:
+        """Which capability suffers most: per variant, capabilities by their drop (mean over their tasks)."""
+        drops: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for r in rows:
+            if r.distribution:
+                drops.setdefault((r.model, r.variant), {}).setdefault(r.capability or "-", []).append(r.distribution["drop"])
+        if not drops:
+            return []
+        capabilities = sorted({c for per in drops.values() for c in per})
+        mean = {key: {c: sum(v) / len(v) for c, v in per.items()} for key, per in drops.items()}
+        lines = ["", "Which capability suffers most: each variant's drop per capability (points, mean over the "
+                 "capability's tasks), capabilities ranked from most to least lost:", "",
+                 "| variant | " + " | ".join(capabilities) + " | ranking (most lost first) |",
+                 "|---|" + "---|" * (len(capabilities) + 1)]
+        for (model, variant), per in mean.items():
+            ranked = sorted(per, key=lambda c: -per[c])
+            cells = [f"{per[c]:+.3f}" if c in per else "-" for c in capabilities]
+            lines.append(f"| {model}/{variant} | " + " | ".join(cells) + " | " + " > ".join(ranked) + " |")
+        overall = {c: [m[c] for m in mean.values() if c in m] for c in capabilities}
+        order = sorted(capabilities, key=lambda c: -sum(overall[c]) / len(overall[c]))
+        worst = {c: sum(1 for m in mean.values() if max(m.values()) > 0 and max(m, key=m.get) == c) for c in capabilities}
+        lines += ["", "Over all variants: " + "; ".join(
+            f"{c} lost {sum(overall[c]) / len(overall[c]):+.3f} on average (most lost for {worst[c]} of "
+            f"{len(mean)} variants)" for c in order) + "."]
         return lines
 
     def _backends_side_by_side(self) -> list[str]:
