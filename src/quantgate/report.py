@@ -174,27 +174,32 @@ class RunReport:
     def _capability_ranking(rows: list[Record]) -> list[str]:
         """Which capability suffers most: per variant, capabilities by their drop (mean over their tasks)."""
         drops: dict[tuple[str, str], dict[str, list[float]]] = {}
+        significant: set[tuple[str, str, str]] = set()
         for r in rows:
             if r.distribution:
                 drops.setdefault((r.model, r.variant), {}).setdefault(r.capability or "-", []).append(r.distribution["drop"])
+                if r.distribution["drop"] > 0 and r.distribution["mcnemar_p"] < 0.05:
+                    significant.add((r.model, r.variant, r.capability or "-"))
         if not drops:
             return []
         capabilities = sorted({c for per in drops.values() for c in per})
         mean = {key: {c: sum(v) / len(v) for c, v in per.items()} for key, per in drops.items()}
         lines = ["", "Which capability suffers most: each variant's drop per capability (points, mean over the "
-                 "capability's tasks), capabilities ranked from most to least lost:", "",
+                 "capability's tasks); the ranking lists the capabilities that lost anything, most first "
+                 "(* = a significant loss, McNemar p < 0.05):", "",
                  "| variant | " + " | ".join(capabilities) + " | ranking (most lost first) |",
                  "|---|" + "---|" * (len(capabilities) + 1)]
         for (model, variant), per in mean.items():
-            ranked = sorted(per, key=lambda c: -per[c])
+            lost = sorted((c for c in per if per[c] > 0), key=lambda c: -per[c])
+            ranking = " > ".join(c + ("*" if (model, variant, c) in significant else "") for c in lost) or "nothing lost"
             cells = [f"{per[c]:+.3f}" if c in per else "-" for c in capabilities]
-            lines.append(f"| {model}/{variant} | " + " | ".join(cells) + " | " + " > ".join(ranked) + " |")
+            lines.append(f"| {model}/{variant} | " + " | ".join(cells) + f" | {ranking} |")
         overall = {c: [m[c] for m in mean.values() if c in m] for c in capabilities}
         order = sorted(capabilities, key=lambda c: -sum(overall[c]) / len(overall[c]))
         worst = {c: sum(1 for m in mean.values() if max(m.values()) > 0 and max(m, key=m.get) == c) for c in capabilities}
         lines += ["", "Over all variants: " + "; ".join(
-            f"{c} lost {sum(overall[c]) / len(overall[c]):+.3f} on average (most lost for {worst[c]} of "
-            f"{len(mean)} variants)" for c in order) + "."]
+            f"{c} lost {sum(overall[c]) / len(overall[c]):+.3f} on average (the most lost for {worst[c]} of "
+            f"{len(mean)} variants)" for c in order) + f"; significant losses: {len(significant)}."]
         return lines
 
     def _backends_side_by_side(self) -> list[str]:
