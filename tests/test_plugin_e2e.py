@@ -269,6 +269,8 @@ def test_a_format_that_needs_cuda_is_skipped_with_its_reason(pytester, tiny_zoo_
         def load(*args, **kwargs):
             raise DeviceUnavailable("variant tiny/close: this format needs CUDA; none here")
         ev.load_checkpoint = load
+        def pytest_unconfigure(config):  # pytester runs in this process: later tests need the real loader
+            ev.load_checkpoint = _load
     """)
     assert_skipped_as_untestable(pytester, "this format needs CUDA; none here")
 
