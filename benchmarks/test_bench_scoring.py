@@ -53,3 +53,22 @@ def test_tokenize_corpus_once(benchmark, evaluator):
     tokenizer = evaluator.reference_tokenizer("demo")
     result = benchmark(tokenize, corpus, tokenizer, add_bos=False, token_cap=None)
     assert len(result.doc_starts) == len(corpus.documents)
+
+
+@pytest.fixture(scope="module")
+def code_task(evaluator):
+    return evaluator.task("demo", "code-next-line")  # the fast tier's 100 items, 4 choices each
+
+
+def test_multiple_choice_requests(benchmark, backend, evaluator, code_task):
+    """400 (context, choice) log-likelihoods, the demo's code task on the fast tier (batched longest first)."""
+    from quantgate.tasks.multiple_choice import with_shots
+
+    tokenizer = evaluator.reference_tokenizer("demo")
+    requests = [(tokenizer(with_shots(item, ()), add_special_tokens=False)["input_ids"],
+                 tokenizer(choice, add_special_tokens=False)["input_ids"])
+                for item in code_task.items for choice in item.choices]
+    benchmark.extra_info["requests"] = len(requests)
+    results = benchmark.pedantic(backend.loglikelihood, args=(requests,), kwargs=dict(max_length=256, batch_size=4),
+                                 rounds=2, iterations=1)
+    assert len(results) == len(requests) and all(np.isfinite(ll) for ll, _ in results)

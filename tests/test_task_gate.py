@@ -83,6 +83,8 @@ def test_manifest_tasks_are_parsed_and_checked(tmp_path):
         load_manifest(_manifest(tmp_path, task=TASK.replace('"mmlu"', '"mmlu-pro"')))
     with pytest.raises(ManifestError, match="3 shots need a split"):
         load_manifest(_manifest(tmp_path, task=TASK + "shots = 3\n"))
+    with pytest.raises(ManifestError, match="takes no shots"):
+        load_manifest(_manifest(tmp_path, task=TASK.replace('"mmlu"', '"humaneval"') + 'shots = 1\nshots_split = "x"\n'))
     with pytest.raises(ManifestError, match="scoring.*must be one of exact_match"):
         load_manifest(_manifest(tmp_path, task=TASK.replace('"mmlu"', '"gsm8k"') + 'scoring = "acc_norm"\n'))
     with pytest.raises(ManifestError, match="unknown key"):

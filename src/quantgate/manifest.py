@@ -254,6 +254,8 @@ def _task(name: str, t: _Table, root: Path) -> TaskSpec:
     t.done()
     if task.shots < 0:
         raise ManifestError(t.file, t.key("shots"), f"must be >= 0, got {task.shots}")
+    if task.shots and kind == "execution":
+        raise ManifestError(t.file, t.key("shots"), f"schema {schema!r} takes no shots (the prompt is the problem)")
     if task.shots and not task.shots_split:
         raise ManifestError(t.file, t.key("shots_split"), f"{task.shots} shots need a split to take them from")
     _positive(t.file, t.key("limit"), task.limit)
