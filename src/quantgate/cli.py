@@ -197,9 +197,9 @@ def cmd_report(args) -> int:
 
     report = RunReport.from_json(Path(args.json).read_text())
     if args.marker == "acceptability":
-        from .thresholds import load_table
+        from .thresholds import load_capabilities, load_table
 
-        table = report.acceptability_markdown(load_table())
+        table = report.acceptability_markdown(load_table()) + report.capabilities_markdown(load_capabilities())
     else:
         table = report.markdown()
     if args.command_line:

@@ -242,6 +242,20 @@ class RunReport:
                          f"{worst} | {verdicts} |")
         return "\n".join(lines) + "\n"
 
+    def capabilities_markdown(self, max_drops: dict[str, float]) -> str:
+        """Each capability's max drop beside the largest drop this run measured for it."""
+        lines = ["", "| capability | max drop (points) | measured: largest drop, variant / task [95% CI] | verdicts |",
+                 "|---|---|---|---|"]
+        for capability, bound in sorted(max_drops.items()):
+            hits = [r for r in self.records if r.metric == "task_score_drop" and r.capability == capability and r.distribution]
+            worst = max(hits, key=lambda r: r.distribution["drop"], default=None)
+            measured = "not in this run" if worst is None else (
+                f"{worst.distribution['drop']:+.3f}, {worst.variant} / {worst.distribution['task']} "
+                f"[{worst.interval[0]:+.3f}, {worst.interval[1]:+.3f}]")
+            verdicts = ", ".join(sorted({r.verdict for r in hits})) or "-"
+            lines.append(f"| {capability} | {bound:g} | {measured} | {verdicts} |")
+        return "\n".join(lines) + "\n"
+
     @classmethod
     def from_json(cls, text: str) -> "RunReport":
         doc = json.loads(text)
