@@ -42,6 +42,7 @@ def demo_project(tmp_path, variant_block):
     head = head.replace('zoo_dir = "build/zoo"', f'zoo_dir = "{tmp_path / "zoo"}"')
     head = head.replace('path = "fixtures/demo_zoo/reference"', f'path = "{REFERENCE}"')
     (tmp_path / "quantgate.toml").write_text(head + variant_block)
+    (tmp_path / "fixtures").symlink_to(REPO / "fixtures")  # the demo tasks' item files
     return load_manifest(tmp_path / "quantgate.toml")
 
 

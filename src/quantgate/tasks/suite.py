@@ -53,13 +53,15 @@ def _records(spec: CorpusSpec, split: str) -> list[dict]:
         kwargs["name"] = spec.config
     if spec.revision:
         kwargs["revision"] = spec.revision
-    if spec.data_files:
-        kwargs["data_files"] = resolve_data_files(spec)
     try:
+        if spec.data_files:
+            kwargs["data_files"] = resolve_data_files(spec)
         return list(datasets.load_dataset(**kwargs))
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
         raise CorpusUnavailable(f"task {spec.name!r} could not be loaded ({describe_source(spec)}, split {split!r}): "
                                 f"{exc}") from exc
+    except CorpusUnavailable as exc:
+        raise CorpusUnavailable(f"task {spec.name!r}: {str(exc).split(': ', 1)[-1]}") from exc
 
 
 def _cloze_items(records: Sequence[dict]) -> list[ChoiceItem]:
