@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -37,6 +38,23 @@ class TaskCase:
         return f"{self.model}/{self.variant}/{self.task}"
 
 
+@contextmanager
+def recorded_outcome(record: Record):
+    """Measuring a case: a missing device or library is a skip, other problems keep their class
+    (CannotTest: exit 125 under --quality-bisect); the record says which, in one line."""
+    try:
+        yield
+    except DeviceUnavailable as exc:  # e.g. a CUDA-only format on a CPU machine
+        record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
+        pytest.skip(str(exc))
+    except CannotTest as exc:
+        record.verdict, record.detail = "cannot test", str(exc).splitlines()[0]
+        raise
+    except QuantgateError as exc:
+        record.detail = str(exc).splitlines()[0]
+        raise
+
+
 FLIPS_SHOWN = 8  # flipped item ids quoted in a failure message (all of them are in --quality-json)
 
 
@@ -58,7 +76,7 @@ class Gate:
     def _measure(self, case: Case, record: Record):
         """(baseline, comparison or None, plain measurement or None), as skips/failures that say why."""
         ev = self.evaluator
-        try:
+        with recorded_outcome(record):
             variant = ev.variant(case.model, case.variant)
             ev.require_backend(case.model, case.variant)
             baseline = ev.comparable_baseline(case.model, case.corpus, variant.backend)
@@ -69,15 +87,6 @@ class Gate:
                 return baseline, None, ev.measure(case.model, case.variant, case.corpus)  # an older baseline schema
             comparison = ev.compare(case.model, case.variant, case.corpus, baseline)
             return baseline, comparison, comparison.measurement
-        except DeviceUnavailable as exc:  # e.g. a CUDA-only format on a CPU machine
-            record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
-            pytest.skip(str(exc))
-        except CannotTest as exc:
-            record.verdict, record.detail = "cannot test", str(exc).splitlines()[0]
-            raise
-        except QuantgateError as exc:
-            record.detail = str(exc).splitlines()[0]
-            raise
 
     def relative_perplexity(self, case: Case) -> None:
         ev = self.evaluator
@@ -180,20 +189,11 @@ class Gate:
                         capability=spec.capability)
         self.report.records.append(record)
         row = find_row(self.table, variant.format, variant.bits)
-        try:
+        with recorded_outcome(record):
             bound = drop_bound(self.capabilities, spec.capability, variant.max_drop)
             ev.require_backend(case.model, case.variant)
             baseline = ev.comparable_task_baseline(case.model, case.task, variant.backend)
             result, cmp = ev.compare_task(case.model, case.variant, case.task, baseline)
-        except DeviceUnavailable as exc:
-            record.verdict, record.detail = "skipped", str(exc).splitlines()[0]
-            pytest.skip(str(exc))
-        except CannotTest as exc:
-            record.verdict, record.detail = "cannot test", str(exc).splitlines()[0]
-            raise
-        except QuantgateError as exc:
-            record.detail = str(exc).splitlines()[0]
-            raise
         problematic = row is not None and row.acceptable == "Problematic" and spec.capability not in variant.max_drop
         limit = None if problematic else bound.value
         record.bound, record.bound_source = bound.value, bound.source

@@ -78,6 +78,7 @@ class Evaluator:
     _reference_params: dict[str, int | None] = field(default_factory=dict)
     _comparisons: dict[tuple, Comparison] = field(default_factory=dict)
     _tasks: dict[tuple, Any] = field(default_factory=dict)
+    _tokenizer_sha: dict[str, str] = field(default_factory=dict)
     _task_comparisons: dict[tuple, Any] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
@@ -134,12 +135,16 @@ class Evaluator:
             joiner=spec.joiner.encode("unicode_escape").decode("ascii"),  # readable in snapshot diffs
             tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
             add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
-            scoring_rule=SCORING_RULE,
-            # llama.cpp computes in its own (mixed) precision on the CPU, whatever the manifest says
-            dtype=s.dtype if backend == "transformers" else "native",
-            device_class=device_class(self.device) if backend == "transformers" else "cpu",
+            scoring_rule=SCORING_RULE, **self._numerics(s, backend),
             tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride), backend=backend,
         )
+
+    def _numerics(self, settings: ProtocolSettings, backend: str) -> dict[str, str]:
+        """dtype and device class of a protocol. llama.cpp computes in its own (mixed) precision on the
+        CPU, whatever the manifest says."""
+        if backend == "transformers":
+            return {"dtype": settings.dtype, "device_class": device_class(self.device)}
+        return {"dtype": "native", "device_class": "cpu"}
 
     def reference_sha256(self, model: str) -> str:
         """Hash of the reference checkpoint's files, once per session (GBs for real models)."""
@@ -166,10 +171,12 @@ class Evaluator:
     def baseline_path(self, model: str, corpus: str, backend: str = "transformers") -> Path:
         return bl.baseline_path(self.manifest.baselines_dir, model, corpus, self.profile, backend)
 
-    def baseline_command(self, model: str, corpus: str, backend: str = "transformers") -> str:
+    def baseline_command(self, model: str, corpus: str, backend: str = "transformers", *, task: str | None = None) -> str:
+        """The command that (re-)measures one baseline: a corpus's, or with `task`, a task's."""
         profile = "" if self.profile == self.manifest.default_profile else f" --profile {self.profile}"
         which = "" if backend == "transformers" else f" --backend {backend}"
-        return f"quantgate baseline --model {model} --corpus {corpus}{profile}{which}"
+        what = f"--task {task}" if task else f"--corpus {corpus}"
+        return f"quantgate baseline --model {model} {what}{profile}{which}"
 
     def comparable_baseline(self, model: str, corpus: str, backend: str = "transformers") -> bl.Baseline:
         """The stored baseline, refused unless its protocol and reference checkpoint match ours.
@@ -362,26 +369,22 @@ class Evaluator:
         from .tasks.suite import task_protocol
 
         s = self.settings(model, profile)
-        return task_protocol(self.task(model, name, profile), tokenizer_sha256=tokenizer_fingerprint(self.reference_tokenizer(model)),
-                             settings=s, backend=backend, dtype=s.dtype if backend == "transformers" else "native",
-                             device_class=device_class(self.device) if backend == "transformers" else "cpu")
+        if model not in self._tokenizer_sha:  # hashes the whole vocabulary: once per session
+            self._tokenizer_sha[model] = tokenizer_fingerprint(self.reference_tokenizer(model))
+        return task_protocol(self.task(model, name, profile), tokenizer_sha256=self._tokenizer_sha[model], settings=s,
+                             backend=backend, **self._numerics(s, backend))
 
     def task_baseline_path(self, model: str, name: str, backend: str = "transformers") -> Path:
         from .tasks.baseline import task_baseline_path
 
         return task_baseline_path(self.manifest.baselines_dir, model, name, self.profile, backend)
 
-    def task_baseline_command(self, model: str, name: str, backend: str = "transformers") -> str:
-        profile = "" if self.profile == self.manifest.default_profile else f" --profile {self.profile}"
-        which = "" if backend == "transformers" else f" --backend {backend}"
-        return f"quantgate baseline --model {model} --task {name}{profile}{which}"
-
     def comparable_task_baseline(self, model: str, name: str, backend: str = "transformers"):
         """The stored task baseline, refused unless its task protocol and reference checkpoint match ours."""
         from .protocol import fingerprint_of
         from .tasks.baseline import read_task_baseline
 
-        command = self.task_baseline_command(model, name, backend)
+        command = self.baseline_command(model, "", backend, task=name)
         baseline = read_task_baseline(self.task_baseline_path(model, name, backend), create_hint=command)
         ours = self.task_protocol(model, name, backend=backend)
         if ours != baseline.protocol:
