@@ -181,16 +181,22 @@ def _field(doc: dict, dotted: str, path: Path, kind: type | tuple = object):
     return value
 
 
-def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Baseline:
-    path = Path(path)
+def read_document(path: Path, kind: str, what: str, create_hint: str) -> dict:
+    """A stored baseline's JSON document, or an error naming the file: missing, not JSON, another kind."""
     if not path.is_file():
-        raise BaselineMissing(f"no FP16 baseline at {path}; create it with: {create_hint}")
+        raise BaselineMissing(f"no FP16 {what} at {path}; create it with: {create_hint}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BaselineFormatError(f"{path}: not valid JSON ({exc}); restore it from git or re-create it") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise BaselineFormatError(f"{path}: not a quantgate baseline (kind {doc.get('kind') if isinstance(doc, dict) else None!r})")
+    if not isinstance(doc, dict) or doc.get("kind") != kind:
+        raise BaselineFormatError(f"{path}: not a quantgate {what} (kind {doc.get('kind') if isinstance(doc, dict) else None!r})")
+    return doc
+
+
+def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Baseline:
+    path = Path(path)
+    doc = read_document(path, KIND, "baseline", create_hint)
     schema = _field(doc, "schema", path, int)
     if schema > SCHEMA_VERSION:
         raise BaselineFormatError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BaselineFormatError, BaselineMissing
+from ..errors import BaselineFormatError
 from ..protocol import fingerprint_of
 
 KIND = "quantgate-task-baseline"
@@ -67,17 +67,10 @@ def write_task_baseline(baseline: TaskBaseline, path: Path) -> Path:
 
 
 def read_task_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> TaskBaseline:
-    import json
+    from ..baselines import read_document
 
     path = Path(path)
-    if not path.is_file():
-        raise BaselineMissing(f"no FP16 task baseline at {path}; create it with: {create_hint}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaselineFormatError(f"{path}: not valid JSON ({exc}); restore it from git or re-create it") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise BaselineFormatError(f"{path}: not a quantgate task baseline")
+    doc = read_document(path, KIND, "task baseline", create_hint)
     if doc.get("schema") != SCHEMA_VERSION:
         raise BaselineFormatError(f"{path}: task baseline schema {doc.get('schema')!r}, this quantgate reads "
                                   f"{SCHEMA_VERSION}")
