@@ -78,6 +78,8 @@ def test_a_perturbed_layer_fails_on_kl_and_top1_while_perplexity_passes(tmp_path
 
 
 def test_two_runs_on_cpu_give_identical_numbers(tmp_path):
+    """Bit-identical on one machine. The committed baseline was scored on another CPU, whose BLAS kernels
+    round differently (a KL of 4e-12 was seen between two CPUs), so against it only closeness is asserted."""
     manifest = demo_project(tmp_path, fp16_variant("fp16", REFERENCE))
     results = []
     for _ in range(2):
@@ -86,7 +88,8 @@ def test_two_runs_on_cpu_give_identical_numbers(tmp_path):
         results.append(report.records[0])
     first, second = results
     assert first.value == second.value and first.distribution == second.distribution
-    assert first.distribution["kl_mean"] == 0.0 and first.distribution["top1"] == 1.0
+    assert first.distribution["kl_mean"] < 1e-9 and first.distribution["top1"] > 0.999
+    assert abs(first.ratio - 1.0) < 1e-6
 
 
 def test_a_baseline_without_top_k_rows_is_refused_for_kl_by_name(tmp_path):
