@@ -1,6 +1,7 @@
 """Load audits and corpus loading, on the tiny zoo."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,13 @@ def test_pinned_package_corpora_resolve(tmp_path):
         load_corpus(CorpusSpec(name="x", path="json", package="no_such_pkg", data_files=("a.json",)))
     with pytest.raises(CorpusUnavailable, match="no file matches"):
         load_corpus(CorpusSpec(name="x", path="json", data_files=("missing.jsonl",), base_dir=tmp_path))
+
+
+def test_absolute_data_file_patterns_resolve(tmp_path):
+    from quantgate.corpus import resolve_data_files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "sub" / name).write_text('{"text": "x"}\n')
+    spec = CorpusSpec(name="x", path="json", data_files=(str(tmp_path / "sub" / "*.jsonl"),), base_dir=Path("/nonexistent"))
+    assert resolve_data_files(spec) == [str(tmp_path / "sub" / "a.jsonl"), str(tmp_path / "sub" / "b.jsonl")]

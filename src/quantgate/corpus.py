@@ -70,7 +70,9 @@ def resolve_data_files(spec: CorpusSpec) -> list[str]:
     base = _package_dir(spec.package) if spec.package else spec.base_dir
     files: list[str] = []
     for pattern in spec.data_files:
-        matches = sorted(str(p) for p in base.glob(pattern))
+        where = Path(pattern)
+        root, relative = (Path(where.anchor), str(where.relative_to(where.anchor))) if where.is_absolute() else (base, pattern)
+        matches = sorted(str(p) for p in root.glob(relative))
         if not matches:
             raise CorpusUnavailable(f"corpus {spec.name!r}: no file matches {pattern!r} under {base}")
         files.extend(matches)
