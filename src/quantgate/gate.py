@@ -7,9 +7,10 @@ Outcomes
             expected to be bad, numbers still reported;
 - reversal  the variant's perplexity is *significantly* below FP16's (the whole 95% interval of
             the ratio lies below 1) by more than the reversal tolerance: not a win but a sign of a
-            protocol, calibration or outlier-handling effect to investigate (seed 001). It fails
-            so that someone looks. A significant reversal within the tolerance passes with a
-            note; a ratio below 1 whose interval reaches 1 is noise and is not reported.
+            protocol, calibration or outlier-handling effect to investigate (the article "When
+            4-Bit Quantization Beats FP16 Perplexity"). It fails so that someone looks. A
+            significant reversal within the tolerance passes with a note; a ratio below 1 whose
+            interval reaches 1 is noise and is not reported.
 
 Exceedance rule (`[quantgate] exceedance` in the manifest):
 - "point" (default): a metric fails when its point estimate is beyond the bound. The message

@@ -53,13 +53,14 @@ class RunReport:
     records: list[Record] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     environment_changes: dict[str, list[str]] = field(default_factory=dict)  # baseline path -> changes
+    builds: dict[str, str] = field(default_factory=dict)  # "model/variant" -> how its build differs from the recorded one
 
     def to_json(self) -> str:
         from . import __version__
 
         return json.dumps({
             "quantgate": __version__, "profile": self.profile, "device": self.device,
-            "environment": self.environment, "environment_changes": self.environment_changes,
+            "environment": self.environment, "environment_changes": self.environment_changes, "builds": self.builds,
             "records": [asdict(r) for r in self.records],
         }, indent=2) + "\n"
 
@@ -91,6 +92,10 @@ class RunReport:
             for (model, variant), r in methods.items():
                 lines.append(f"| {model}/{variant} | {r.scheme or '-'} | {r.group_size or '-'} | "
                              f"{'-' if r.desc_act is None else r.desc_act} | {r.outlier_handling or '-'} | {r.calibration or '-'} |")
+        if self.builds:
+            lines += ["", "Builds that differ from the recorded ones (their numbers differ from those documented; "
+                      "reported, not gated):"]
+            lines += [f"- `{variant}`: {words}" for variant, words in sorted(self.builds.items())]
         if self.environment_changes:
             lines += ["", "Environment differs from the baselines' (reported, not gated):"]
             for where, changes in self.environment_changes.items():
@@ -226,7 +231,7 @@ class RunReport:
 
     def acceptability_markdown(self, rows) -> str:
         """The acceptability table with the measured ratios of this run beside each row's expected range."""
-        lines = ["| row | expected (seed) | acceptable | bound | measured relative PPL | max KL / min top-1 | "
+        lines = ["| row | expected (source table) | acceptable | bound | measured relative PPL | max KL / min top-1 | "
                  "measured KL (worst) / top-1 (worst) | verdicts |", "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             hits = [r for r in self.records if r.metric == "relative_perplexity" and (r.format, r.bits) == (row.format, row.bits)]
@@ -261,7 +266,7 @@ class RunReport:
         doc = json.loads(text)
         fields = set(Record.__dataclass_fields__)
         return cls(profile=doc["profile"], device=doc["device"], environment=doc.get("environment", {}),
-                   environment_changes=doc.get("environment_changes", {}),
+                   environment_changes=doc.get("environment_changes", {}), builds=doc.get("builds", {}),
                    records=[Record(**{k: v for k, v in r.items() if k in fields}) for r in doc["records"]])
 
     def write(self, json_path: Path | None, markdown_path: Path | None) -> None:
