@@ -160,18 +160,36 @@ def _task_baseline(ev, model: str, task: str, backend: str, args, command: str, 
 
 
 def cmd_zoo_build(args) -> int:
-    from .zoo import build_variant
+    from .zoo import build_variant, compare_with_recorded, record_builds
 
     manifest = _manifest(args)
+    differ = []
+    if args.variant:
+        known = {v.name for m in _models(manifest, args) for v in manifest.models[m].variants if v.recipe is not None}
+        unknown = sorted(set(args.variant) - known)
+        if unknown:
+            raise QuantgateError(f"--variant {', '.join(unknown)}: no recipe variant of that name; recipe variants: "
+                                 f"{', '.join(sorted(known)) or 'none'}")
     for model in _models(manifest, args):
         ref = manifest.models[model]
+        built = {}
         for variant in ref.variants:
             if variant.recipe is None or (args.variant and variant.name not in args.variant):
                 continue
             started = time.perf_counter()
             path, record = build_variant(manifest, ref, variant, force=args.force)
+            built[variant.name] = path
             state = "cached" if record is None else f"built in {time.perf_counter() - started:.1f}s"
-            print(f"{model}/{variant.name}: {path} ({state})")
+            status, words = compare_with_recorded(manifest, ref, variant, path)
+            if status not in ("same", "not recorded") and not args.record:
+                differ.append(f"{model}/{variant.name}")
+            print(f"{model}/{variant.name}: {path} ({state}); {words}")
+        if args.record and built:
+            print(f"{record_builds(manifest, ref, built)}: recorded the weights digests of {len(built)} build(s)")
+    if differ:
+        print(f"quantgate: {len(differ)} build(s) differ from the recorded ones ({', '.join(differ)}): their numbers "
+              "will differ from those documented with the recorded builds; the demo's tolerances cover the spread "
+              "measured between builds (README \"Builds across machines\")", file=sys.stderr)
     return 0
 
 
@@ -238,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(zb)
     zb.add_argument("--variant", action="append", default=None)
     zb.add_argument("--force", action="store_true")
+    zb.add_argument("--record", action="store_true", help="record these builds' weights digests in "
+                    "<baselines>/<model>/builds.json, as the builds the committed numbers are made with")
     zb.set_defaults(func=cmd_zoo_build)
 
     pr = sub.add_parser("protocol", help="print the protocol (and its fingerprint) of each model/corpus")

@@ -80,6 +80,8 @@ class Evaluator:
     _tasks: dict[tuple, Any] = field(default_factory=dict)
     _tokenizer_sha: dict[str, str] = field(default_factory=dict)
     _task_comparisons: dict[tuple, Any] = field(default_factory=dict)
+    # "model/variant" -> why a recipe build's numbers differ from those made with the recorded build
+    build_notes: dict[str, str] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -223,9 +225,13 @@ class Evaluator:
             path, fmt, what = ref.path, ref.format, f"reference {model}"
         else:
             v = self.variant(model, variant)
-            from .zoo import variant_path
+            from .zoo import compare_with_recorded, variant_path
 
             path, fmt, what = variant_path(self.manifest, ref, v), v.format, f"variant {model}/{variant}"
+            if v.recipe is not None and v.path is None:
+                status, words = compare_with_recorded(self.manifest, ref, v, path)
+                if status not in ("same", "not recorded"):
+                    self.build_notes[f"{model}/{variant}"] = words
         loaded = load_checkpoint(path, fmt=fmt, dtype=settings.dtype, device=self.device, what=what,
                                  tokenizer_path=ref.path, backend=backend)
         if variant is not REFERENCE:

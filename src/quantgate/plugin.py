@@ -177,7 +177,8 @@ def quality_evaluator(request: pytest.FixtureRequest):
         manifest = state.manifest()
         device = resolve_device(state.device_option)
         state.evaluator = Evaluator(manifest=manifest, profile=state.profile, device=device, exact_kl=state.exact_kl)
-        state.report = RunReport(profile=state.profile, device=device, environment=state.evaluator.environment())
+        state.report = RunReport(profile=state.profile, device=device, environment=state.evaluator.environment(),
+                                 builds=state.evaluator.build_notes)
     yield state.evaluator
     state.evaluator.release()
 

@@ -4,6 +4,11 @@ A variant with a `recipe` and no `path` lives in <zoo_dir>/<model>/<variant>-<ha
 the hash covers everything that shapes the result: the recipe, the variant's quantization
 fields, the reference checkpoint's bytes, the calibration text and the builder's version.
 Change any of them and the variant is rebuilt (by `quantgate zoo build`, or on first use).
+
+Each build record carries a digest of the weights it wrote (`weights_digest`). The digests that a
+model's committed numbers (baselines, README) were made with are kept in
+<baselines>/<model>/builds.json (`quantgate zoo build --record`); `quantgate zoo build` and the run's
+summary say when this machine's build differs from them, since its numbers then differ too.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .baselines import checkpoint_sha256
+from .baselines import checkpoint_sha256, file_sha256
 from .checkpoints.gguf_build import QUANT_FTYPES as QUANT_TYPES
 from .errors import BackendUnavailable, ManifestError, QuantgateError
 from .manifest import Manifest, ReferenceModel, Variant
@@ -25,6 +30,7 @@ BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp", "bitsandbytes": 
 CAST_DTYPES = ("bfloat16", "float16", "float32")
 RECIPE_FILE = "quantgate-recipe.json"
 GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion changes
+RECORDED_BUILDS = "builds.json"
 
 
 def _calibration_corpus(manifest: Manifest, recipe: dict):
@@ -76,7 +82,10 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
         "builder_version": _builder_version(builder),
     }
     if builder == "gptqmodel":
+        from .checkpoints.gptq_build import build_numerics
+
         identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
+        identity["numerics"] = build_numerics()
     elif builder == "bitsandbytes":
         if variant.format != "bnb" or variant.bits not in (4, 8):
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
@@ -162,6 +171,13 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         import shutil
 
         shutil.rmtree(out)
+    record = _run_builder(manifest, ref, variant, out, identity)
+    record.update(identity=identity, weights_digest=weights_digest(out))
+    (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _run_builder(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path, identity: dict) -> dict:
     print(f"quantgate: building {ref.name}/{variant.name} ({variant.format} {variant.bits}-bit) -> {out}",
           file=sys.stderr, flush=True)
     if variant.format == "gguf":
@@ -171,23 +187,16 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
         f16 = reference_gguf(manifest, ref, identity["reference_sha256"])
         out.mkdir(parents=True)
         record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
-        record.update(identity=identity, f16_gguf=str(f16))
-        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        record.update(f16_gguf=str(f16))
         return record
     if variant.recipe.get("builder") == "transformers":
         from .checkpoints.cast_build import build_cast
 
-        record = build_cast(ref.path, out, dtype=variant.recipe["dtype"])
-        record.update(identity=identity)
-        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        return record
+        return build_cast(ref.path, out, dtype=variant.recipe["dtype"])
     if variant.format == "bnb":
         from .checkpoints.bnb_build import build_bnb
 
-        record = build_bnb(ref.path, out, bits=variant.bits, quant_type=variant.recipe.get("quant_type", "nf4"))
-        record.update(identity=identity)
-        (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        return record
+        return build_bnb(ref.path, out, bits=variant.bits, quant_type=variant.recipe.get("quant_type", "nf4"))
     chunks = _calibration_chunks(manifest, ref, variant.recipe)
     from .checkpoints import gptq_build
 
@@ -195,12 +204,9 @@ def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path,
     if variant.format not in builders:
         raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
                             f"builder gptqmodel makes {'/'.join(builders)} variants, not {variant.format!r}")
-    record = builders[variant.format](ref.path, out, bits=variant.bits, group_size=variant.group_size or 128,
-                                      desc_act=bool(variant.desc_act), calibration_texts=chunks,
-                                      seed=int(variant.recipe.get("seed", 0)))
-    record.update(identity=identity)
-    (out / RECIPE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return record
+    return builders[variant.format](ref.path, out, bits=variant.bits, group_size=variant.group_size or 128,
+                                    desc_act=bool(variant.desc_act), calibration_texts=chunks,
+                                    seed=int(variant.recipe.get("seed", 0)))
 
 
 def variant_path(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path:
@@ -209,3 +215,109 @@ def variant_path(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> P
         return variant.path
     path, _ = build_variant(manifest, ref, variant)
     return path
+
+
+# -- what a build wrote, against what the committed numbers were made with -------------------------
+def weights_digest(path: Path) -> str:
+    """sha256 over the weight files of a build: each safetensors file's tensors (its header without the
+    free-form __metadata__, then the data), each GGUF or .bin file whole. Config files are left out
+    (they carry paths and library versions, not weights)."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.is_file() and p.suffix in {".safetensors", ".gguf", ".bin"})
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        if p.suffix != ".safetensors":
+            digest.update(file_sha256(p).encode())
+            continue
+        with open(p, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            digest.update(json.dumps(header, sort_keys=True).encode())
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_builds_path(manifest: Manifest, model: str) -> Path:
+    return manifest.baselines_dir / model / RECORDED_BUILDS
+
+
+def read_recorded_builds(manifest: Manifest, model: str) -> dict:
+    path = recorded_builds_path(manifest, model)
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        return dict(doc["variants"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QuantgateError(f"{path}: not a record of builds ({exc}); rewrite it with "
+                             f"quantgate zoo build --model {model} --record") from None
+
+
+def build_record(path: Path) -> dict | None:
+    record_file = Path(path) / RECIPE_FILE
+    return json.loads(record_file.read_text()) if record_file.is_file() else None
+
+
+def compare_with_recorded(manifest: Manifest, ref: ReferenceModel, variant: Variant, path: Path) -> tuple[str, str]:
+    """(status, words) for the build at `path` against <baselines>/<model>/builds.json: status is
+    "same", "differs", "recipe changed", "not recorded" or "no digest"."""
+    record = build_record(path) or {}
+    digest = record.get("weights_digest")
+    if digest is None:
+        return "no digest", "built before builds recorded a weights digest; rebuild with quantgate zoo build --force"
+    recorded = read_recorded_builds(manifest, ref.name).get(variant.name)
+    if recorded is None:
+        return "not recorded", f"weights {digest[:12]}; no recorded build to compare with"
+    where = recorded.get("machine", "another machine")
+    identity = record.get("identity", {})
+    if recorded.get("recipe_hash") != recipe_hash(identity):
+        was = recorded.get("identity", {})
+        changed = sorted(k for k in set(was) | set(identity) if was.get(k) != identity.get(k)) or ["recipe"]
+        return "recipe changed", (f"weights {digest[:12]}; built from other inputs than the recorded build "
+                                  f"({recorded['weights_digest'][:12]}, {where}): {', '.join(changed)} differ, so "
+                                  "its numbers differ from those made with it")
+    if recorded["weights_digest"] != digest:
+        return "differs", (f"weights {digest[:12]} differ from the recorded build's {recorded['weights_digest'][:12]} "
+                           f"({where}): the same recipe built differently on this machine, so its numbers differ "
+                           "from those made with the recorded build (README \"Builds across machines\")")
+    return "same", f"weights {digest[:12]}, the recorded build's"
+
+
+def record_builds(manifest: Manifest, ref: ReferenceModel, built: dict[str, Path]) -> Path:
+    """Write the digests of `built` (variant name -> build dir) into <baselines>/<model>/builds.json,
+    keeping the entries of variants not named."""
+    import platform
+
+    from .baselines import _atomic_write, now_iso
+
+    entries = read_recorded_builds(manifest, ref.name)
+    machine = _cpu_name() or platform.machine()
+    for name, path in built.items():
+        record = build_record(path)
+        if record is None or "weights_digest" not in record:
+            raise QuantgateError(f"{path}: no build record with a weights digest; rebuild it with quantgate zoo build "
+                                 f"--model {ref.name} --variant {name} --force")
+        entries[name] = {"weights_digest": record["weights_digest"], "recipe_hash": recipe_hash(record["identity"]),
+                         "machine": machine, "recorded": now_iso(), "identity": record["identity"]}
+    path = recorded_builds_path(manifest, ref.name)
+    doc = {"what": "weights digests of the recipe builds that this model's baselines and documented numbers were "
+                   "made with (quantgate zoo build --record)",
+           "variants": dict(sorted(entries.items()))}
+    _atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

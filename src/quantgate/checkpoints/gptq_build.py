@@ -2,14 +2,38 @@
 
 The output directory loads back with ``transformers.AutoModelForCausalLM.from_pretrained``
 (GPTQ additionally needs ``optimum`` installed; both use gptqmodel's CPU kernels).
+
+Reproducibility. GPTQ rounds each weight column and pushes the rounding error onto the columns not
+yet rounded, so a difference in the last bit of one activation can flip one rounding, which moves
+every later column of that row: the build is chaotic in its floating-point input. Measured on the
+demo model, builds of one recipe under different BLAS code paths, torch kernel ISAs or thread
+counts all gave different weights, and relative perplexities that differ by up to 0.4 points
+(README "Builds across machines"). Two things are therefore pinned for every build:
+
+- the calibration forward passes and the quantization run in float32 (the checkpoint is saved in
+  the source's dtype, float16 as usual): CPU float16 matmuls go through oneDNN kernels that differ
+  by instruction set;
+- the numerics of the process that builds, which runs apart from the caller (`PINNED_NUMERICS`):
+  MKL's conditional numerical reproducibility on its AVX2 code path, torch's own kernels at their
+  AVX2 level and one thread. MKL documents that mode as giving identical results on every x86-64
+  processor with AVX2, Intel's or AMD's, for one MKL version; torch's AVX2 kernels are the same code
+  on every such CPU.
+
+What still varies: a CPU without AVX2 or a non-x86 CPU (no pin applies, the build follows the
+machine), another torch/MKL or gptqmodel version (the recipe hash covers gptqmodel's version;
+constraints.txt pins torch for this repository). `QUANTGATE_BUILD_NUMERICS=native` turns the pin
+off (to measure what it buys).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -20,6 +44,32 @@ from pathlib import Path
 MAX_CALIBRATION_TOKENS = 256
 # gptqmodel silently drops rows with <= 10 tokens; drop them ourselves so the count we report is real.
 MIN_CALIBRATION_TOKENS = 11
+COMPUTE_DTYPE = "float32"
+# Read when MKL and torch start, hence set for a process of its own. An explicit
+# MKL_ENABLE_INSTRUCTIONS overrides MKL_CBWR, so it is pinned too.
+PINNED_NUMERICS = {
+    "MKL_CBWR": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+NUMERICS_SWITCH = "QUANTGATE_BUILD_NUMERICS"  # "native": no pin
+
+
+def build_numerics() -> dict:
+    """How a gptqmodel build's arithmetic is fixed on this machine (part of the recipe identity)."""
+    pinned = os.environ.get(NUMERICS_SWITCH, "pinned") != "native" and _has_avx2()
+    return {"compute_dtype": COMPUTE_DTYPE, "environment": dict(PINNED_NUMERICS) if pinned else "native"}
+
+
+def _has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def build_gptq(
@@ -86,9 +136,40 @@ def _build(
     config_kwargs: dict,
     backend_name: str,
 ) -> dict:
+    """Run the build in a process of its own, under `build_numerics()`; returns its build record."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(out_dir)
+    numerics = build_numerics()
+    env = dict(os.environ)
+    if isinstance(numerics["environment"], dict):
+        env.update(numerics["environment"])
+    with tempfile.TemporaryDirectory(prefix="quantgate-build-") as scratch:
+        spec, result = Path(scratch) / "spec.json", Path(scratch) / "record.json"
+        spec.write_text(json.dumps({
+            "source_dir": str(source_dir), "out_dir": str(out_dir), "calibration_texts": calibration_texts,
+            "seed": seed, "config_kwargs": config_kwargs, "backend_name": backend_name, "record": str(result)}))
+        # gptqmodel's own progress lines are kept for the error message only.
+        proc = subprocess.run([sys.executable, "-m", __name__, str(spec)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace")
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+            raise RuntimeError(f"gptqmodel build of {out_dir.name} failed (exit {proc.returncode}):\n{tail}")
+        record = json.loads(result.read_text())
+    record["numerics"] = numerics
+    return record
+
+
+def _build_here(
+    source_dir: Path,
+    out_dir: Path,
+    *,
+    calibration_texts: list[str] | list[list[int]],
+    seed: int,
+    config_kwargs: dict,
+    backend_name: str,
+) -> dict:
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
 
     # Read once, at gptqmodel import. Its default on a 2-core box is 1 worker, and loading then fails
     # ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1").
@@ -103,7 +184,8 @@ def _build(
     torch.manual_seed(seed)
 
     calibration = _tokenize(source_dir, calibration_texts)
-    dtype = _source_dtype(source_dir)
+    dtype = _source_dtype(source_dir)  # what the checkpoint stores
+    compute = getattr(torch, COMPUTE_DTYPE)  # what the build computes in (module docstring)
     backend = BACKEND[backend_name]
 
     qcfg = QuantizeConfig(
@@ -117,7 +199,7 @@ def _build(
 
     started = time.perf_counter()
     # Without an explicit dtype gptqmodel casts everything to bfloat16 on CPU.
-    model = GPTQModel.load(str(source_dir), qcfg, dtype=dtype, backend=backend)
+    model = GPTQModel.load(str(source_dir), qcfg, dtype=compute, backend=backend)
     loaded = time.perf_counter()
     with _scratch_log_dir():
         model.quantize(calibration, backend=backend, batch_size=1)
@@ -127,6 +209,8 @@ def _build(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        model.model.to(dtype)  # scales and the unquantized layers as the source stores them
+        model.model.config.dtype = dtype
         model.save(str(tmp_dir))
         tmp_dir.chmod(0o755)  # mkdtemp makes it 0700
         os.rename(tmp_dir, out_dir)
@@ -147,6 +231,9 @@ def _build(
         "format": saved["format"],
         "checkpoint_format": saved["checkpoint_format"],
         "dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": COMPUTE_DTYPE,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "backend": backend.value,
         "seed": seed,
         "calibration_samples": len(calibration),
@@ -206,3 +293,10 @@ def _scratch_log_dir():
             yield
         finally:
             loop_processor._PROJECT_LOG_DIR = previous
+
+
+if __name__ == "__main__":  # the build process started by _build
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    _record = _build_here(_spec["source_dir"], _spec["out_dir"], calibration_texts=_spec["calibration_texts"],
+                          seed=_spec["seed"], config_kwargs=_spec["config_kwargs"], backend_name=_spec["backend_name"])
+    Path(_spec["record"]).write_text(json.dumps(_record))
