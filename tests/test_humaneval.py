@@ -39,3 +39,17 @@ def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
 def test_pass_at_k_rejects_impossible_counts():
     with pytest.raises(ValueError, match="need 0 <= c <= n"):
         pass_at_k(3, 4, 1)
+
+
+@pytest.mark.parametrize("completion", [
+    "    raise SystemExit\n",  # when the checks call the function
+    "    import sys\n    sys.exit(0)\n",
+    "    import os\n    os._exit(0)\n",
+    "    pass\nimport sys\nsys.exit(0)\n",  # at module level, before the checks are even defined
+    "    pass\nimport os\nos._exit(0)\n",
+], ids=["raise SystemExit", "sys.exit(0)", "os._exit(0)", "module-level sys.exit(0)", "module-level os._exit(0)"])
+def test_a_completion_that_exits_early_fails(problems, completion):
+    (result,) = execute(problems, [("HumanEval/0", completion)])
+    assert result.outcome.returncode == 0  # the exit status alone would have called it a pass
+    assert not result.passed and "before the harness reached its end" in result.outcome.detail
+    assert pass_at_k_scores([result], ks=(1,)) == {"pass@1": 0.0}

@@ -134,3 +134,71 @@ def test_the_leftover_check_sees_a_running_program():
     thread.join()
     time.sleep(0.2)
     assert leftover_processes(marker) == []
+
+
+@pytest.mark.parametrize("close_streams", [False, True], ids=["streams open", "fds 0-2 closed"])
+def test_a_program_that_leaves_its_session_ends_at_the_timeout(close_streams):
+    """setsid() takes a process out of the launcher's process group: a group kill alone misses it."""
+    started = time.perf_counter()
+    outcome, left = run(f"""
+        import os, time
+        os.setsid()
+        if {close_streams}:
+            for fd in (0, 1, 2):
+                os.close(fd)
+        time.sleep(12)
+    """, Limits(timeout_s=2.0))
+    assert outcome.status == TIMED_OUT and time.perf_counter() - started < 6
+    if "pids cgroup" in APPLIED or "pid namespace" in APPLIED:
+        assert left == []
+
+
+def test_the_process_limit_binds_even_for_root():
+    """RLIMIT_NPROC does not bind root; the pids cgroup does (as root) and the rlimit does (otherwise)."""
+    import os
+
+    from quantgate.tasks.sandbox import _make_pids_cgroup
+
+    probe = _make_pids_cgroup(1)
+    if probe is not None:
+        os.rmdir(probe)
+    elif os.geteuid() == 0:
+        pytest.skip("running as root without a writable pids cgroup: no process limit binds for root here")
+    outcome, left = run("""
+        import os, sys, time
+        started = 0
+        for _ in range(80):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(3)
+                os._exit(0)
+            started += 1
+        sys.stderr.write(f"started {started}\\n")
+    """, Limits(timeout_s=5.0, max_processes=32))
+    started = int(outcome.stderr_tail.split("started ")[1].split()[0])
+    assert started < 32 and left == []
+
+
+def test_a_flood_on_stderr_and_stdout_costs_the_caller_a_bounded_amount():
+    """100 MB on each stream: the caller keeps their tails only (its peak RSS stays far below 100 MB)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = textwrap.dedent("""
+        import json, resource, sys
+        from quantgate.tasks.sandbox import Limits, run_untrusted
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = run_untrusted("import sys\\nblock = 'x' * (1 << 20)\\nfor _ in range(100):\\n"
+                            "    sys.stderr.write(block)\\n    sys.stdout.write(block)\\nsys.stderr.write('END')\\n",
+                            Limits(timeout_s=20.0, max_file_bytes=1 << 30))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"status": out.status, "grew_kb": after - before, "tail": out.stderr_tail[-3:]}))
+    """)
+    result = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                       check=True).stdout.splitlines()[-1])
+    assert result["status"] == PASSED and result["tail"] == "END"
+    assert result["grew_kb"] < 40_000

