@@ -5,6 +5,7 @@ along each row; one layer and a 320-token vocabulary keep every file under 3 MB.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,60 @@ def test_quantized_files_are_smaller_and_load(tiny_gguf):
     assert loaded.lm_head.weight.dtype.is_floating_point
     with pytest.raises(ValueError, match="unsupported GGUF type"):
         quantize_gguf(f16, f16.with_name("x.gguf"), "IQ1_S")
+
+
+def test_llama_cpp_kernel_choices_are_pinned_and_in_the_protocol(tiny_gguf, monkeypatch):
+    """Flash attention is set on, not left to llama.cpp's per-device "auto"; the protocol says so."""
+    needs_llama_cpp()
+    import llama_cpp
+
+    from quantgate.backends import llamacpp
+    from quantgate.backends.llamacpp import LlamaCppBackend
+
+    ids = tiny_gguf["ids"][:40]
+
+    def logits(flash_attn=None):
+        if flash_attn is not None:  # what a context would get with llama.cpp's own choice overridden
+            default = llama_cpp.llama_context_default_params
+
+            def forced():
+                params = default()
+                params.flash_attn_type = flash_attn
+                return params
+            monkeypatch.setattr(llama_cpp, "llama_context_default_params", forced)
+            monkeypatch.setattr(LlamaCppBackend, "_context", _unpinned_context)
+        backend = LlamaCppBackend(tiny_gguf["f16"], n_threads=2)
+        try:
+            return backend._window_logits(ids, 0)
+        finally:
+            backend.close()
+            monkeypatch.undo()
+
+    pinned = logits()
+    np.testing.assert_array_equal(pinned, logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED))
+    assert not np.array_equal(pinned, logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED))  # the choice matters
+    assert llamacpp.NUMERICS["flash_attn"] == "on"
+
+    from quantgate.evaluation import Evaluator
+    from quantgate.manifest import load_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    ev = Evaluator(manifest=load_manifest(repo / "quantgate.toml"), profile="fast", device="cpu")
+    assert ev.protocol("demo", "code", backend="llama.cpp").as_dict()["kernels"] == \
+        "flash_attn=on, kv_cache=f16, weight_repack=off"
+    assert "kernels" not in ev.protocol("demo", "code").as_dict()  # transformers fingerprints unchanged
+
+
+def _unpinned_context(self, n_tokens):
+    """LlamaCppBackend._context without its own flash-attention setting (the context's default stands)."""
+    lc = self._lc
+    self._free_context()
+    size = -(-n_tokens // 256) * 256
+    params = lc.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = size
+    params.n_seq_max = 1
+    params.n_threads = params.n_threads_batch = self.n_threads
+    self._ctx = lc.llama_init_from_model(self._model, params)
+    self._n_ctx = size
+    self._batch = lc.llama_batch_init(size, 0, 1)
+    return self._ctx

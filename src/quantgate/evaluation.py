@@ -146,7 +146,9 @@ class Evaluator:
         CPU, whatever the manifest says."""
         if backend == "transformers":
             return {"dtype": settings.dtype, "device_class": device_class(self.device)}
-        return {"dtype": "native", "device_class": "cpu"}
+        from .backends.llamacpp import NUMERICS
+
+        return {"dtype": "native", "device_class": "cpu", "kernels": ", ".join(f"{k}={v}" for k, v in NUMERICS.items())}
 
     def reference_sha256(self, model: str) -> str:
         """Hash of the reference checkpoint's files, once per session (GBs for real models)."""

@@ -38,9 +38,15 @@ class Protocol:
     device_class: str  # "cpu" or "cuda": kernels differ between them
     tokens_scored: int
     backend: str = "transformers"  # whose kernels score: "transformers" (torch) or "llama.cpp"
+    # the backend's pinned kernel choices that move numbers (llama.cpp: flash attention, KV cache type);
+    # left out of the dict (and so of the fingerprint) when empty, as for transformers
+    kernels: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["kernels"]:
+            del data["kernels"]
+        return data
 
     @property
     def fingerprint(self) -> str:
@@ -50,7 +56,7 @@ class Protocol:
     def from_dict(cls, data: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> "Protocol":
         """Strict: every field must be present, except those given `defaults` (older schemas)."""
         names = {f.name for f in fields(cls)}
-        data = {**(defaults or {}), **data}
+        data = {"kernels": "", **(defaults or {}), **data}
         missing = names - data.keys()
         if missing:
             raise KeyError(f"protocol lacks {sorted(missing)}")

@@ -8,6 +8,11 @@ only at the positions that predict scored targets. The high-level ``llama_cpp.Ll
 used: it cannot switch off llama.cpp's extra (weight-repacking) buffer types at load. Those pick
 CPU-specific kernels (AMX, AVX512/aarch64 repacks) that move Q4_K scores by ~1e-5 between
 machines, and the AMX one has been seen to crash; the plain kernels give one answer everywhere.
+
+Kernel choices that move numbers are pinned and recorded in the protocol (`NUMERICS`); the thread
+count is not, since it does not change a result. Flash attention is set on explicitly: llama.cpp's
+default ("auto") resolves per device, and on the CPU it means on (measured: logits identical to
+"on", up to 0.11 apart from "off", a ratio moved by about 1e-4).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 
 from ..perplexity import Window
 from .base import ScoringBackend
+
+NUMERICS = {"flash_attn": "on", "kv_cache": "f16", "weight_repack": "off"}
 
 
 def llama_cpp_available() -> bool:
@@ -92,6 +99,8 @@ class LlamaCppBackend(ScoringBackend):
         params.n_ctx = params.n_batch = params.n_ubatch = size
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED  # NUMERICS
+        params.type_k = params.type_v = lc.GGML_TYPE_F16
         params.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:

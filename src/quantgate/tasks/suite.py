@@ -145,7 +145,7 @@ def rendered(task: LoadedTask) -> list:
 
 
 def task_protocol(task: LoadedTask, *, tokenizer_sha256: str, settings: ProtocolSettings, backend: str,
-                  dtype: str, device_class: str) -> dict[str, Any]:
+                  dtype: str, device_class: str, kernels: str = "") -> dict[str, Any]:
     spec = task.spec
     items_sha = hashlib.sha256(json.dumps(rendered(task), ensure_ascii=False).encode()).hexdigest()
     return {"task": spec.name, "schema": spec.schema, "source": task.source, "items": len(task.items),
@@ -153,7 +153,7 @@ def task_protocol(task: LoadedTask, *, tokenizer_sha256: str, settings: Protocol
             "max_length": settings.max_length,
             "max_new_tokens": spec.max_new_tokens if spec.kind != "multiple_choice" else None,
             "tokenizer_sha256": tokenizer_sha256, "backend": backend, "dtype": dtype, "device_class": device_class,
-            "rule": TASK_RULE}
+            "rule": TASK_RULE, **({"kernels": kernels} if kernels else {})}
 
 
 def task_fingerprint(protocol: dict[str, Any]) -> str:
