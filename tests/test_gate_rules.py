@@ -204,3 +204,47 @@ def test_a_non_finite_metric_fails_instead_of_passing():
     j = judge_metric(variant="demo/v", corpus="code", metric="kl divergence", value=float("nan"), interval=None,
                      bound=0.03, higher_is_better=False, rule="point", row_text="GPTQ 4-bit", details=[])
     assert j.outcome == FAIL and "not a number" in j.message
+
+
+@pytest.mark.parametrize("rule", ["point", "interval"])
+def test_differences_below_the_float_tolerance_are_never_a_reversal_a_note_or_a_failure(table, rule):
+    """The FP16 reference re-scored on another CPU: ratios 1 - 2.4e-8 and 1 + 5.6e-9 with intervals that do
+    not reach 1 (KL 4.3e-12) were "significant reversal" notes and a failure of the FP16 row's bound 1.00."""
+    from quantgate.stats import Interval
+
+    bound = choose_bound(table, "fp16", 16, variant_override=None, model_overrides={})
+    kwargs = dict(variant="demo/fp16", corpus="prose", baseline=372.0, bound=bound, reversal_tolerance=0.005,
+                  tokens=8191, baseline_source="b.json", protocol_line=PROTOCOL_LINE, rule=rule)
+    below = judge(value=372.0 * (1 - 2.4e-8), ratio_interval=Interval(1 - 3e-8, 1 - 1.5e-8), **kwargs)
+    above = judge(value=372.0 * (1 + 5.6e-9), ratio_interval=Interval(1 + 3e-9, 1 + 8e-9), **kwargs)
+    for j in (below, above):
+        assert (j.outcome, j.note) == (PASS, None) and "note" not in j.message
+    from quantgate.gate import judge_metric
+
+    kl = judge_metric(variant="demo/fp16", corpus="prose", metric="kl divergence", value=4.3e-12,
+                      interval=Interval(4.1e-12, 4.5e-12), bound=2.5e-5, higher_is_better=False, rule=rule,
+                      row_text="FP16", details=[])
+    assert (kl.outcome, kl.note) == (PASS, None)
+
+
+def test_a_real_small_reversal_is_still_reported_above_the_float_tolerance(table):
+    noted = decide_with_interval(table, 10.0 * 0.999, (0.9985, 0.9995))
+    assert noted.outcome == PASS and noted.note.startswith("significant reversal: 0.10% below FP16")
+    assert decide_with_interval(table, 10.0 * 0.999, (0.9985, 0.9995), tolerance=0.0005).outcome == REVERSAL
+
+
+def test_a_near_tie_at_the_top_within_the_float_tolerance_counts_as_agreement():
+    import numpy as np
+
+    from quantgate.evaluation import Evaluator
+    from quantgate.gate import FLOAT_TOKEN_TOL
+
+    class Scores:  # the variant's view: its argmax, its max log-prob, FP16's top token's log-prob under it
+        argmax = np.array([5, 5, 5])
+        max_logprob = np.array([-1.0, -1.0, -1.0])
+        gathered = np.array([[-1.0 - FLOAT_TOKEN_TOL / 2], [-1.0 - 4 * FLOAT_TOKEN_TOL], [-1.0]])
+
+    class Baseline:
+        topk_ids = np.array([[7], [7], [5]])
+
+    assert Evaluator._same_top1(Scores, Baseline).tolist() == [True, False, True]

@@ -294,8 +294,11 @@ class Evaluator:
 
     @staticmethod
     def _same_top1(scores: TokenScores, baseline: bl.Baseline) -> np.ndarray:
-        """The variant's top token is FP16's, ties included: FP16's top token has the variant's maximum log-prob."""
-        return (scores.argmax == baseline.topk_ids[:, 0]) | (scores.gathered[:, 0] >= scores.max_logprob)
+        """The variant's top token is FP16's, ties included: FP16's top token has the variant's maximum log-prob,
+        to within the floating-point tolerance of a log-prob (gate.FLOAT_TOKEN_TOL)."""
+        from .gate import FLOAT_TOKEN_TOL
+
+        return (scores.argmax == baseline.topk_ids[:, 0]) | (scores.gathered[:, 0] >= scores.max_logprob - FLOAT_TOKEN_TOL)
 
     def noise_floor(self, model: str, corpus: str, backend: str, first: Measurement, reruns: int) -> dict:
         """How far re-scoring the reference moves its numbers (non-deterministic GPU kernels).

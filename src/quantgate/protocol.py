@@ -69,7 +69,7 @@ class Protocol:
     def differences(self, other: "Protocol") -> list[str]:
         """Human-readable 'field: ours != theirs' lines."""
         a, b = self.as_dict(), other.as_dict()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
 
 
 def fingerprint_of(protocol: dict[str, Any]) -> str:
