@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANT = "gptq-w4g64"  # the demo variant that sat nearest its reversal tolerance on another CPU
 # What a machine with another CPU changes (BLAS code path, torch's kernel ISA, threads):
 OTHER_MACHINE = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
-                 "ATEN_CPU_CAPABILITY": "avx512"}
+                 "ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}
 
-pytestmark = pytest.mark.skipif(build_numerics()["environment"] == "native",
+pytestmark = pytest.mark.skipif(build_numerics("gptq")["environment"] == "native",
                                 reason="builds are pinned on x86-64 CPUs with AVX2 only")
 
 

@@ -85,7 +85,7 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
         from .checkpoints.gptq_build import build_numerics
 
         identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
-        identity["numerics"] = build_numerics()
+        identity["numerics"] = build_numerics(variant.format)
     elif builder == "bitsandbytes":
         if variant.format != "bnb" or variant.bits not in (4, 8):
             raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",

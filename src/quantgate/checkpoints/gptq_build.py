@@ -10,14 +10,15 @@ demo model, builds of one recipe under different BLAS code paths, torch kernel I
 counts all gave different weights, and relative perplexities that differ by up to 0.4 points
 (README "Builds across machines"). Two things are therefore pinned for every build:
 
-- the calibration forward passes and the quantization run in float32 (the checkpoint is saved in
-  the source's dtype, float16 as usual): CPU float16 matmuls go through oneDNN kernels that differ
-  by instruction set;
+- GPTQ's calibration forward passes and quantization run in float32 (the checkpoint is saved in
+  the source's dtype, float16 as usual): CPU float16 matmuls go through oneDNN kernels chosen by
+  instruction set. AWQ stays in the source dtype (gptqmodel's CPU AWQ kernel packs float16 or
+  bfloat16 only), with oneDNN held to its AVX2 kernels instead;
 - the numerics of the process that builds, which runs apart from the caller (`PINNED_NUMERICS`):
-  MKL's conditional numerical reproducibility on its AVX2 code path, torch's own kernels at their
-  AVX2 level and one thread. MKL documents that mode as giving identical results on every x86-64
-  processor with AVX2, Intel's or AMD's, for one MKL version; torch's AVX2 kernels are the same code
-  on every such CPU.
+  MKL's conditional numerical reproducibility on its AVX2 code path, oneDNN and torch's own kernels
+  at their AVX2 level, and one thread. MKL documents that mode as giving identical results on
+  every x86-64 processor with AVX2, Intel's or AMD's, for one MKL version; torch's and oneDNN's
+  AVX2 kernels are the same code on every such CPU.
 
 What still varies: a CPU without AVX2 or a non-x86 CPU (no pin applies, the build follows the
 machine), another torch/MKL or gptqmodel version (the recipe hash covers gptqmodel's version;
@@ -44,23 +45,26 @@ from pathlib import Path
 MAX_CALIBRATION_TOKENS = 256
 # gptqmodel silently drops rows with <= 10 tokens; drop them ourselves so the count we report is real.
 MIN_CALIBRATION_TOKENS = 11
-COMPUTE_DTYPE = "float32"
+GPTQ_COMPUTE_DTYPE = "float32"
+SOURCE_DTYPE = "source"  # compute in the dtype the checkpoint is saved in
 # Read when MKL and torch start, hence set for a process of its own. An explicit
 # MKL_ENABLE_INSTRUCTIONS overrides MKL_CBWR, so it is pinned too.
 PINNED_NUMERICS = {
     "MKL_CBWR": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
 NUMERICS_SWITCH = "QUANTGATE_BUILD_NUMERICS"  # "native": no pin
 
 
-def build_numerics() -> dict:
+def build_numerics(method: str) -> dict:
     """How a gptqmodel build's arithmetic is fixed on this machine (part of the recipe identity)."""
     pinned = os.environ.get(NUMERICS_SWITCH, "pinned") != "native" and _has_avx2()
-    return {"compute_dtype": COMPUTE_DTYPE, "environment": dict(PINNED_NUMERICS) if pinned else "native"}
+    return {"compute_dtype": GPTQ_COMPUTE_DTYPE if method == "gptq" else SOURCE_DTYPE,
+            "environment": dict(PINNED_NUMERICS) if pinned else "native"}
 
 
 def _has_avx2() -> bool:
@@ -140,7 +144,7 @@ def _build(
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(out_dir)
-    numerics = build_numerics()
+    numerics = build_numerics(config_kwargs["method"])
     env = dict(os.environ)
     if isinstance(numerics["environment"], dict):
         env.update(numerics["environment"])
@@ -148,7 +152,8 @@ def _build(
         spec, result = Path(scratch) / "spec.json", Path(scratch) / "record.json"
         spec.write_text(json.dumps({
             "source_dir": str(source_dir), "out_dir": str(out_dir), "calibration_texts": calibration_texts,
-            "seed": seed, "config_kwargs": config_kwargs, "backend_name": backend_name, "record": str(result)}))
+            "seed": seed, "config_kwargs": config_kwargs, "backend_name": backend_name,
+            "compute_dtype": numerics["compute_dtype"], "record": str(result)}))
         # gptqmodel's own progress lines are kept for the error message only.
         proc = subprocess.run([sys.executable, "-m", __name__, str(spec)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -168,6 +173,7 @@ def _build_here(
     seed: int,
     config_kwargs: dict,
     backend_name: str,
+    compute_dtype: str,
 ) -> dict:
     source_dir, out_dir = Path(source_dir), Path(out_dir)
 
@@ -185,7 +191,7 @@ def _build_here(
 
     calibration = _tokenize(source_dir, calibration_texts)
     dtype = _source_dtype(source_dir)  # what the checkpoint stores
-    compute = getattr(torch, COMPUTE_DTYPE)  # what the build computes in (module docstring)
+    compute = dtype if compute_dtype == SOURCE_DTYPE else getattr(torch, compute_dtype)  # module docstring
     backend = BACKEND[backend_name]
 
     qcfg = QuantizeConfig(
@@ -209,8 +215,9 @@ def _build_here(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.model.to(dtype)  # scales and the unquantized layers as the source stores them
-        model.model.config.dtype = dtype
+        if compute != dtype:
+            model.model.to(dtype)  # scales and the unquantized layers as the source stores them
+            model.model.config.dtype = dtype
         model.save(str(tmp_dir))
         tmp_dir.chmod(0o755)  # mkdtemp makes it 0700
         os.rename(tmp_dir, out_dir)
@@ -231,7 +238,7 @@ def _build_here(
         "format": saved["format"],
         "checkpoint_format": saved["checkpoint_format"],
         "dtype": str(dtype).removeprefix("torch."),
-        "compute_dtype": COMPUTE_DTYPE,
+        "compute_dtype": str(compute).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "backend": backend.value,
@@ -298,5 +305,6 @@ def _scratch_log_dir():
 if __name__ == "__main__":  # the build process started by _build
     _spec = json.loads(Path(sys.argv[1]).read_text())
     _record = _build_here(_spec["source_dir"], _spec["out_dir"], calibration_texts=_spec["calibration_texts"],
-                          seed=_spec["seed"], config_kwargs=_spec["config_kwargs"], backend_name=_spec["backend_name"])
+                          seed=_spec["seed"], config_kwargs=_spec["config_kwargs"], backend_name=_spec["backend_name"],
+                          compute_dtype=_spec["compute_dtype"])
     Path(_spec["record"]).write_text(json.dumps(_record))
