@@ -8,6 +8,7 @@ change what is measured.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,56 @@ class _Table:
             raise ManifestError(self.file, self.where or "top level", f"unknown key(s): {unknown}")
 
 
+# Names become path components (baselines/<model>/<corpus>.<profile>.json, build/zoo/<model>/<variant>-...):
+# letters, digits, '.', '_' and '-', starting with a letter or digit ("..", "/" and the like are refused).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What each recipe builder reads; any other key is a typo that would silently build something else.
+RECIPE_KEYS = {
+    "gptqmodel": {"builder", "calibration", "samples", "seq_len", "seed"},
+    "llama.cpp": {"builder", "type"},
+    "bitsandbytes": {"builder", "quant_type"},
+    "transformers": {"builder", "dtype"},
+}
+BNB_QUANT_TYPES = ("nf4", "fp4")
+
+
+def _safe_name(file: Path, key: str, name: str) -> str:
+    if not _SAFE_NAME.fullmatch(name) or name.endswith("."):
+        raise ManifestError(file, key, f"{name!r} is not a safe name: it becomes part of file paths, so use letters, "
+                            "digits, '.', '_' and '-' only, starting with a letter or digit")
+    return name
+
+
+def _recipe(file: Path, key: str, recipe: dict | None) -> dict | None:
+    if recipe is None:
+        return None
+    builder = recipe.get("builder")
+    if builder not in RECIPE_KEYS:
+        raise ManifestError(file, f"{key}.builder", f"must be one of {', '.join(RECIPE_KEYS)}; got {builder!r}")
+    unknown = sorted(set(recipe) - RECIPE_KEYS[builder])
+    if unknown:
+        raise ManifestError(file, f"{key}.{unknown[0]}", f"unknown key(s) {', '.join(unknown)} for builder {builder!r} "
+                            f"(it reads {', '.join(sorted(RECIPE_KEYS[builder]))})")
+    if builder == "bitsandbytes" and recipe.get("quant_type", "nf4") not in BNB_QUANT_TYPES:
+        raise ManifestError(file, f"{key}.quant_type", f"must be one of {', '.join(BNB_QUANT_TYPES)}; "
+                            f"got {recipe['quant_type']!r}")
+    for name in ("samples", "seq_len", "seed"):
+        value = recipe.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1)):
+            raise ManifestError(file, f"{key}.{name}", f"must be a {'non-negative' if name == 'seed' else 'positive'} "
+                                f"integer, got {value!r}")
+    return recipe
+
+
+def _max_drops(t: "_Table") -> dict[str, float]:
+    drops = t.take("max_drop", dict, {})
+    for capability, value in drops.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ManifestError(t.file, f"{t.key('max_drop')}.{capability}",
+                                f"must be a number of score points between 0 and 1, got {value!r}")
+    return {k: float(v) for k, v in drops.items()}
+
+
 def _positive(file: Path, key: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise ManifestError(file, key, f"must be positive, got {value}")
@@ -200,6 +251,9 @@ def _protocol_overrides(t: _Table) -> dict[str, Any]:
 
 
 def _checked(settings: ProtocolSettings, file: Path, where: str) -> ProtocolSettings:
+    if settings.max_length < 2:
+        raise ManifestError(file, f"{where}.max_length",
+                            f"must be at least 2 (a window of {settings.max_length} token predicts nothing)")
     if settings.stride > settings.max_length:
         raise ManifestError(file, f"{where}.stride",
                             f"stride {settings.stride} exceeds max_length {settings.max_length}: tokens would go unscored")
@@ -212,6 +266,7 @@ def _protocol_table(t: _Table) -> tuple[dict[str, Any], dict[str, dict[str, Any]
     base = _protocol_overrides(t)
     profiles = {}
     for pname in list(profiles_t.data):
+        _safe_name(profiles_t.file, profiles_t.key(pname), pname)
         pt = profiles_t.table(pname)
         profiles[pname] = _protocol_overrides(pt)
         pt.done()
@@ -266,7 +321,7 @@ def _task(name: str, t: _Table, root: Path) -> TaskSpec:
 def _variant(t: _Table, root: Path) -> Variant:
     path = t.take("path", str, None)
     variant = Variant(
-        name=t.take("name", str),
+        name=_safe_name(t.file, t.key("name"), t.take("name", str)),
         format=t.take("format", str, choices=KNOWN_FORMATS),
         bits=t.take("bits", int),
         group_size=t.take("group_size", int, None),
@@ -275,13 +330,13 @@ def _variant(t: _Table, root: Path) -> Variant:
         outlier_handling=t.take("outlier_handling", str, None),
         calibration=t.take("calibration", str, None),
         path=(root / path) if path else None,
-        recipe=t.take("recipe", dict, None),
+        recipe=_recipe(t.file, t.key("recipe"), t.take("recipe", dict, None)),
         max_ratio=t.take("max_ratio", (int, float), None),
         reversal_tolerance=t.take("reversal_tolerance", (int, float), None),
         backend=t.take("backend", str, "transformers", choices=BACKENDS),
         max_kl=t.take("max_kl", (int, float), None),
         min_top1=t.take("min_top1", (int, float), None),
-        max_drop={k: float(v) for k, v in t.take("max_drop", dict, {}).items()},
+        max_drop=_max_drops(t),
     )
     t.done()
     if variant.backend == "llama.cpp" and variant.format != "gguf":
@@ -315,14 +370,17 @@ def load_manifest(path: str | Path) -> Manifest:
     global_base, global_profiles = _protocol_table(top.table("protocol"))
 
     corpora_t = top.table("corpora")
-    corpora = {name: _corpus(name, corpora_t.table(name), root) for name in list(corpora_t.data)}
+    corpora = {_safe_name(path, corpora_t.key(name), name): _corpus(name, corpora_t.table(name), root)
+               for name in list(corpora_t.data)}
 
     tasks_t = top.table("tasks")
-    tasks = {name: _task(name, tasks_t.table(name), root) for name in list(tasks_t.data)}
+    tasks = {_safe_name(path, tasks_t.key(name), name): _task(name, tasks_t.table(name), root)
+             for name in list(tasks_t.data)}
 
     models_t = top.table("models")
     models: dict[str, ReferenceModel] = {}
     for mname in list(models_t.data):
+        _safe_name(path, models_t.key(mname), mname)
         mt = models_t.table(mname)
         m_path = mt.take("path", str)
         m_format = mt.take("format", str, "fp16", choices=("fp16", "bf16", "fp32"))

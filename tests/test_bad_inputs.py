@@ -1,0 +1,73 @@
+"""Bad inputs, one case each: the exit code and the words of the message (file and key named), never a
+traceback, a silent pass or a write outside the project."""
+
+from pathlib import Path
+
+import pytest
+
+from quantgate.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = (REPO / "quantgate.toml").read_text()
+
+
+def project(tmp_path: Path, text: str) -> Path:
+    text = text.replace('baselines = "baselines"', f'baselines = "{tmp_path / "baselines"}"')
+    text = text.replace('zoo_dir = "build/zoo"', f'zoo_dir = "{tmp_path / "zoo"}"')
+    (tmp_path / "fixtures").symlink_to(REPO / "fixtures")
+    path = tmp_path / "quantgate.toml"
+    path.write_text(text)
+    return path
+
+
+def swap(old: str, new: str, count: int = 1) -> str:
+    assert old in DEMO, old
+    return DEMO.replace(old, new, count)
+
+
+MANIFEST_CASES = {
+    "model name that climbs out of baselines/": (
+        DEMO.replace("[models.demo]", '[models."../../x"]').replace("[[models.demo.variants]]", '[[models."../../x".variants]]'),
+        ["[models.../../x]", "'../../x' is not a safe name", "part of file paths"]),
+    "variant name with a slash": (
+        swap('name = "bf16"', 'name = "bf16/../../../escape"'),
+        ["name]", "'bf16/../../../escape' is not a safe name"]),
+    "recipe key typo (quant_typ)": (
+        swap('recipe = { builder = "bitsandbytes", quant_type = "nf4" }', 'recipe = { builder = "bitsandbytes", quant_typ = "fp4" }'),
+        [".recipe.quant_typ]", "unknown key(s) quant_typ for builder 'bitsandbytes'", "it reads builder, quant_type"]),
+    "recipe quant_type not a bitsandbytes type": (
+        swap('quant_type = "nf4" }', 'quant_type = "int3" }'),
+        [".recipe.quant_type]", "must be one of nf4, fp4; got 'int3'"]),
+    "recipe samples not a number": (
+        swap("samples = 64,", 'samples = "many",'),
+        [".recipe.samples]", "must be a positive integer, got 'many'"]),
+    "max_length = 1": (
+        swap("max_length = 256", "max_length = 1"),
+        ["max_length]", "must be at least 2 (a window of 1 token predicts nothing)"]),
+    "max_drop that is not a number": (
+        swap('recipe = { builder = "transformers", dtype = "bfloat16" }',
+             'recipe = { builder = "transformers", dtype = "bfloat16" }\nmax_drop = { code = "x" }'),
+        [".max_drop.code]", "must be a number of score points between 0 and 1, got 'x'"]),
+    "corpus name with a path separator": (
+        DEMO.replace("[corpora.code]", '[corpora."code/../../x"]'),
+        ["[corpora.code/../../x]", "is not a safe name"]),
+}
+
+
+@pytest.mark.parametrize("text, words", MANIFEST_CASES.values(), ids=MANIFEST_CASES.keys())
+def test_a_bad_manifest_is_a_usage_error_naming_file_and_key(tmp_path, capsys, text, words):
+    path = project(tmp_path, text)
+    assert main(["protocol", "--manifest", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantgate: error: {path}: [") and "Traceback" not in err
+    for word in words:
+        assert word in err, err
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "baselines").exists()
+
+
+def test_zoo_build_of_an_unknown_variant_says_so_instead_of_doing_nothing(tmp_path, capsys):
+    path = project(tmp_path, DEMO)
+    assert main(["zoo", "build", "--manifest", str(path), "--variant", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "--variant nosuch: no recipe variant of that name; recipe variants: awq-w4g128, bf16," in err
+    assert not (tmp_path / "zoo").exists()
