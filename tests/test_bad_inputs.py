@@ -71,3 +71,25 @@ def test_zoo_build_of_an_unknown_variant_says_so_instead_of_doing_nothing(tmp_pa
     err = capsys.readouterr().err
     assert "--variant nosuch: no recipe variant of that name; recipe variants: awq-w4g128, bf16," in err
     assert not (tmp_path / "zoo").exists()
+
+
+OPTION_CASES = {
+    "profile typo": (["--quality-profile", "fsat"], "--quality-profile 'fsat': the manifest has no such profile (its profiles: fast, full)"),
+    "device name": (["--quality-device", "gpu"], "--quality-device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+}
+
+
+@pytest.mark.parametrize("bisect", [False, True], ids=["plain", "bisect"])
+@pytest.mark.parametrize("args, words", OPTION_CASES.values(), ids=OPTION_CASES.keys())
+def test_a_bad_option_value_is_a_usage_error_before_anything_runs(args, words, bisect):
+    """Not "baseline missing" or a load failure (exit 1: every commit bad under bisect): a usage error
+    naming the valid values, and under --quality-bisect exit 255, which makes git abort the bisection."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "quality", str(REPO / "quality_tests"), "-p",
+                           "no:cacheprovider", *args, *(["--quality-bisect"] if bisect else [])],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == (255 if bisect else 4), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert "collected" not in proc.stdout  # stopped at configure: nothing collected, built or measured

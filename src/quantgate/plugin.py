@@ -4,13 +4,18 @@ Kept thin and import-light: pytest loads it on every run, so the evaluation stac
 imported inside fixtures only. Exit codes:
   0 all quality checks passed;  1 a check failed (or, with --quality-strict, was skipped);
   125 with --quality-bisect, when nothing failed for real but something could not be tested
-  here (missing checkpoint, no CUDA, protocol drift, usage error, no tests, collection error),
-  so that `git bisect run` skips the commit.
+  here (missing checkpoint, no CUDA, protocol drift, a manifest this commit cannot load, no
+  tests, collection error), so that `git bisect run` skips the commit;
+  255 with --quality-bisect, when a quality option's value is wrong (`--quality-profile fsat`,
+  `--quality-device gpu`): that is the command line, the same at every commit, so the bisection
+  must stop rather than mark every commit bad (exit 1) or skip them all (125). git aborts
+  `bisect run` on any exit code above 127. Without --quality-bisect it is pytest's usage error, 4.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,12 @@ import pytest
 from .errors import CannotTest, ManifestError, QuantgateError
 
 BISECT_SKIP = 125
+BISECT_ABORT = 255
+DEVICE_SYNTAX = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class OptionError(pytest.UsageError):
+    """A quality option's value is wrong: the same at every commit, so a bisection aborts on it."""
 _UNTESTABLE_EXITS = {pytest.ExitCode.INTERRUPTED, pytest.ExitCode.USAGE_ERROR,
                      pytest.ExitCode.NO_TESTS_COLLECTED, pytest.ExitCode.INTERNAL_ERROR}
 
@@ -87,6 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "quality: a quality check of a checkpoint against its FP16 baseline")
     config.addinivalue_line("markers", "quality_protocol: a protocol-drift snapshot (drift = cannot test)")
     opt = config.option
+    if not DEVICE_SYNTAX.fullmatch(opt.quality_device):
+        raise OptionError(f"--quality-device {opt.quality_device!r} is not a device: use auto, cpu, cuda or cuda:N")
     config.stash[STATE] = QualityState(
         manifest_option=opt.quality_manifest, profile_option=opt.quality_profile,
         device_option=opt.quality_device, bisect=opt.quality_bisect, strict=opt.quality_strict,
@@ -94,6 +107,14 @@ def pytest_configure(config: pytest.Config) -> None:
         summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
         rootdir=Path(config.rootpath), exact_kl=opt.quality_exact_kl,
     )
+    if opt.quality_profile is not None:  # checked before anything is collected or measured
+        try:
+            known = _state(config).manifest().profile_names()
+        except ManifestError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if opt.quality_profile not in known:
+            raise OptionError(f"--quality-profile {opt.quality_profile!r}: the manifest has no such profile "
+                              f"(its profiles: {', '.join(known)})")
 
 
 def _state(config: pytest.Config) -> QualityState:
@@ -253,6 +274,10 @@ def pytest_cmdline_main(config: pytest.Config):
             raise
         import sys
 
+        if isinstance(exc, OptionError):
+            sys.stderr.write(f"ERROR: {exc}\nquantgate bisect: the command line is wrong at every commit; "
+                             f"exit {BISECT_ABORT} aborts the bisection\n")
+            return BISECT_ABORT
         sys.stderr.write(f"ERROR: {exc}\nquantgate bisect: usage error, cannot test here, exit {BISECT_SKIP}\n")
         return BISECT_SKIP
 
