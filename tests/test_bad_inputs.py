@@ -93,3 +93,36 @@ def test_a_bad_option_value_is_a_usage_error_before_anything_runs(args, words, b
     assert proc.returncode == (255 if bisect else 4), proc.stdout[-2000:] + proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert "collected" not in proc.stdout  # stopped at configure: nothing collected, built or measured
+
+
+CORPUS_CASES = {
+    "zero-byte corpus file": (b"", "corpus 'tiny': {file} is empty"),
+    "corpus that is not UTF-8": (b"def f():\n    return '\xff\xfe'\n", "corpus 'tiny': {file} is not UTF-8 text (byte 0xff at offset 21)"),
+    "one-token corpus": (b"x\n", "corpus 'tiny' (text[train] files=.:tiny.txt) gives 1 token(s) with demo's tokenizer: "
+                                  "nothing to score (a prediction needs 2 tokens)"),
+}
+
+
+def tiny_corpus_project(tmp_path: Path, content: bytes) -> Path:
+    (tmp_path / "tiny.txt").write_bytes(content)
+    text = DEMO.replace("[corpora.code]", '[corpora.tiny]\npath = "text"\ndata_files = ["tiny.txt"]\nsplit = "train"\n\n'
+                                          "[corpora.code]")
+    return project(tmp_path, text.replace('corpora = ["code", "prose"]', 'corpora = ["code", "prose", "tiny"]'))
+
+
+@pytest.mark.parametrize("content, words", CORPUS_CASES.values(), ids=CORPUS_CASES.keys())
+def test_a_bad_corpus_is_named_with_its_file(tmp_path, capsys, content, words):
+    path = tiny_corpus_project(tmp_path, content)
+    assert main(["baseline", "--manifest", str(path), "--corpus", "tiny", "--profile", "fast",
+                 "--backend", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert words.format(file=tmp_path / "tiny.txt") in err and "Traceback" not in err
+    assert list((tmp_path / "baselines").rglob("*.json")) == []
+
+
+def test_baselines_that_cannot_be_written_are_refused_before_measuring(tmp_path, capsys):
+    path = tiny_corpus_project(tmp_path, b"def f(x):\n    return x + 1\n" * 50)
+    (tmp_path / "baselines").write_text("a file where the baselines directory should be")
+    assert main(["baseline", "--manifest", str(path), "--corpus", "tiny", "--profile", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'baselines'}: baselines cannot be written there" in err and "nothing was measured" in err

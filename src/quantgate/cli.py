@@ -42,12 +42,27 @@ def _models(manifest, args) -> list[str]:
     return names
 
 
+def _require_writable(directory: Path) -> None:
+    """Baselines can be written under `directory` (made if missing): a probe file, created and removed."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".quantgate-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise QuantgateError(f"{directory}: baselines cannot be written there ({exc.strerror or exc}); "
+                             "nothing was measured") from None
+
+
 def cmd_baseline(args) -> int:
     from . import baselines as bl
     from .errors import BaselineFormatError, BaselineMissing
     from .evaluation import REFERENCE, Evaluator, resolve_device
 
     manifest = _manifest(args)
+    _require_writable(manifest.baselines_dir)  # before anything is measured, not after
     device = resolve_device(args.device)
     profiles = manifest.profile_names() if args.all_profiles else [args.profile or manifest.default_profile]
     ev = Evaluator(manifest=manifest, profile=profiles[0], device=device)

@@ -103,6 +103,7 @@ def load_corpus(spec: CorpusSpec) -> Corpus:
         kwargs["revision"] = spec.revision
     if spec.data_files:
         kwargs["data_files"] = resolve_data_files(spec)
+        _check_files(spec, kwargs["data_files"])
     if spec.sample_by:
         kwargs["sample_by"] = spec.sample_by
     try:
@@ -118,6 +119,27 @@ def load_corpus(spec: CorpusSpec) -> Corpus:
     if not any(documents):
         raise QuantgateError(f"corpus {spec.name!r} ({describe_source(spec)}) has no text")
     return Corpus(name=spec.name, source=describe_source(spec), documents=documents, joiner=spec.joiner)
+
+
+def _check_files(spec: CorpusSpec, files: list[str]) -> None:
+    """Local text files must hold UTF-8 text: name the file (and the byte) instead of datasets' traceback."""
+    import codecs
+
+    for name in files:
+        path = Path(name)
+        if path.stat().st_size == 0:
+            raise QuantgateError(f"corpus {spec.name!r}: {path} is empty")
+        if path.suffix in {".gz", ".bz2", ".xz", ".zst", ".zip", ".parquet", ".arrow"}:
+            continue  # binary containers: datasets reads them
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    raise QuantgateError(f"corpus {spec.name!r}: {path} is not UTF-8 text (byte "
+                                         f"0x{block[exc.start]:02x} at offset {offset + exc.start})") from None
+                offset += len(block)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from . import baselines as bl
 from .checkpoints.loading import LoadedCheckpoint, load_checkpoint, load_tokenizer, release
 from .corpus import Corpus, TokenizedCorpus, load_corpus, tokenize
-from .errors import DeviceUnavailable, ProtocolMismatch, TokenizerMismatch
+from .errors import DeviceUnavailable, ProtocolMismatch, QuantgateError, TokenizerMismatch
 from .manifest import Manifest, ProtocolSettings, ReferenceModel, Variant, protocol_settings
 from .perplexity import TokenScores, count_scored
 from .protocol import SCORING_RULE, Protocol, device_class, environment
@@ -131,6 +131,10 @@ class Evaluator:
         s = self.settings(model, profile)
         tok = self.tokenized(model, corpus, s)
         spec = self.manifest.corpora[corpus]
+        scored = count_scored(len(tok.ids), s.max_length, s.stride)
+        if scored == 0:
+            raise QuantgateError(f"corpus {corpus!r} ({self.corpus(corpus).source}) gives {len(tok.ids)} token(s) with "
+                                 f"{model}'s tokenizer: nothing to score (a prediction needs 2 tokens)")
         return Protocol(
             corpus=corpus, corpus_source=self.corpus(corpus).source,
             text_sha256=self.corpus(corpus).text_sha256, documents=len(self.corpus(corpus).documents),
@@ -138,7 +142,7 @@ class Evaluator:
             tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
             add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
             scoring_rule=SCORING_RULE, **self._numerics(s, backend),
-            tokens_scored=count_scored(len(tok.ids), s.max_length, s.stride), backend=backend,
+            tokens_scored=scored, backend=backend,
         )
 
     def _numerics(self, settings: ProtocolSettings, backend: str) -> dict[str, str]:
