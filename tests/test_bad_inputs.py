@@ -126,3 +126,38 @@ def test_baselines_that_cannot_be_written_are_refused_before_measuring(tmp_path,
     assert main(["baseline", "--manifest", str(path), "--corpus", "tiny", "--profile", "fast"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'baselines'}: baselines cannot be written there" in err and "nothing was measured" in err
+
+
+DECLARED_CASES = {
+    "the FP16 reference declared as GPTQ 4-bit": (
+        "fixtures/demo_zoo/reference", 'format = "gptq"\nbits = 4\ngroup_size = 128',
+        "declared gptq 4-bit, group size 128 in the manifest, but the checkpoint says no quantization "
+        "(REF/config.json (no quantization_config)): its quantization method is none"),
+    "AutoGPTQ 4-bit declared as 8-bit": (
+        "fixtures/legacy/autogptq-w4g128", 'format = "gptq"\nbits = 8',
+        "declared gptq 8-bit in the manifest, but the checkpoint says gptq 4-bit, group size 128 "
+        "(quantization_config): its bits are 4"),
+    "GPTQ group size 128 declared as 64": (
+        "fixtures/legacy/autogptq-w4g128", 'format = "gptq"\nbits = 4\ngroup_size = 64', "its group size is 128"),
+    "compressed-tensors declared as AWQ": (
+        "fixtures/llmcompressor/w4a16-g128", 'format = "awq"\nbits = 4',
+        "but the checkpoint says compressed-tensors 4-bit, group size 128 (quantization_config.config_groups): "
+        "its quantization method is 'compressed-tensors'"),
+    "a GPTQ checkpoint declared as plain FP16": (
+        "fixtures/legacy/autoawq-w4g128", 'format = "fp16"\nbits = 16', "it is quantized (awq)"),
+}
+
+
+@pytest.mark.parametrize("checkpoint, declared, words", DECLARED_CASES.values(), ids=DECLARED_CASES.keys())
+def test_a_checkpoint_that_contradicts_its_declared_format_is_refused(tmp_path, checkpoint, declared, words):
+    from quantgate.errors import LoadAuditError
+    from quantgate.evaluation import Evaluator
+    from quantgate.manifest import load_manifest
+
+    head = DEMO[:DEMO.index("[[models.demo.variants]]")]
+    path = project(tmp_path, head + f'[[models.demo.variants]]\nname = "v"\n{declared}\npath = "{checkpoint}"\n')
+    ev = Evaluator(manifest=load_manifest(path), profile="fast", device="cpu")
+    with pytest.raises(LoadAuditError) as refused:
+        ev.checkpoint("demo", "v")
+    assert str(refused.value).startswith("variant demo/v: declared ")
+    assert words.replace("REF", str(tmp_path / "fixtures" / "demo_zoo" / "reference")) in str(refused.value)

@@ -205,3 +205,16 @@ def _unpinned_context(self, n_tokens):
     self._n_ctx = size
     self._batch = lc.llama_batch_init(size, 0, 1)
     return self._ctx
+
+
+def test_a_gguf_whose_file_type_contradicts_the_declared_bits_is_refused(tiny_gguf, tmp_path):
+    needs_llama_cpp()
+    from quantgate.checkpoints.declared import audit_declared
+    from quantgate.errors import LoadAuditError
+
+    q8 = tmp_path / "model-Q8_0.gguf"
+    quantize_gguf(tiny_gguf["f16"], q8, "Q8_0")
+    assert audit_declared(q8, fmt="gguf", bits=8, group_size=None, desc_act=None, what="tiny/q8")["bits"] == 8
+    with pytest.raises(LoadAuditError, match=r"tiny/q8: declared gguf 4-bit in the manifest, but the checkpoint says "
+                                             r"gguf 8-bit \(model-Q8_0.gguf: general.file_type 7\): its file type is 8-bit"):
+        audit_declared(q8, fmt="gguf", bits=4, group_size=None, desc_act=None, what="tiny/q8")

@@ -234,6 +234,12 @@ class Evaluator:
             from .zoo import compare_with_recorded, variant_path
 
             path, fmt, what = variant_path(self.manifest, ref, v), v.format, f"variant {model}/{variant}"
+            if path is not None and path.exists():  # a missing one is refused by the loader (cannot test)
+                from .checkpoints.declared import audit_declared
+                from .checkpoints.loading import gguf_file
+
+                audit_declared(gguf_file(path, what) if fmt == "gguf" else path, fmt=fmt, bits=v.bits,
+                               group_size=v.group_size, desc_act=v.desc_act, what=what)
             if v.recipe is not None and v.path is None:
                 status, words = compare_with_recorded(self.manifest, ref, v, path)
                 if status not in ("same", "not recorded"):
