@@ -32,12 +32,14 @@ def test_round_trip(tmp_path, baseline):
     bl.write_baseline(baseline, path)
     back = bl.read_baseline(path)
     assert back.protocol == baseline.protocol
-    assert back.perplexity == baseline.perplexity
+    assert back.perplexity == pytest.approx(baseline.perplexity, rel=1e-7)  # recomputed from the float32 arrays
     np.testing.assert_allclose(back.logprobs, baseline.logprobs, rtol=1e-6)
     assert back.doc_starts.tolist() == [0, 2]
     doc = json.loads(path.read_text())
     assert doc["schema"] == bl.SCHEMA_VERSION and doc["protocol_fingerprint"] == baseline.protocol.fingerprint
-    assert sorted(p.name for p in path.parent.iterdir()) == ["code.full.json", "code.full.npz"]  # no temp files
+    arrays = doc["arrays"]["file"]
+    assert arrays == f"code.full.{doc['arrays']['sha256'][:12]}.npz"  # named by its content
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["code.full.json", arrays])  # no temp files
     assert oct(path.stat().st_mode & 0o777) == "0o644"
 
 
@@ -70,8 +72,9 @@ def test_malformed_baselines_are_refused_by_name(tmp_path, baseline, mutate, mes
 
 def test_truncated_json_and_missing_arrays(tmp_path, baseline):
     path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
-    path.with_suffix(".npz").unlink()
-    with pytest.raises(BaselineFormatError, match="array file code.full.npz is missing"):
+    arrays = json.loads(path.read_text())["arrays"]["file"]
+    (path.parent / arrays).unlink()
+    with pytest.raises(BaselineFormatError, match=f"array file {arrays} is missing"):
         bl.read_baseline(path)
     path.write_text(path.read_text()[:40])
     with pytest.raises(BaselineFormatError, match="not valid JSON"):
@@ -85,11 +88,13 @@ def test_failed_write_leaves_the_old_baseline_intact(tmp_path, baseline, monkeyp
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
+    files = sorted(p.name for p in path.parent.iterdir())
     monkeypatch.setattr(bl.os, "replace", boom)
     with pytest.raises(OSError):
-        bl.write_baseline(replace(baseline, perplexity=1.0), path)
+        bl.write_baseline(replace(baseline, logprobs=baseline.logprobs * 2), path)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["code.full.json", "code.full.npz"]
+    assert sorted(p.name for p in path.parent.iterdir()) == files
+    assert bl.read_baseline(path).perplexity == pytest.approx(baseline.perplexity, rel=1e-6)
 
 
 def test_schema_1_baselines_are_read_as_transformers_ones(tmp_path, baseline):
@@ -130,3 +135,43 @@ def test_noise_floor_reruns_are_stored_and_zero_on_cpu(tiny_project):
     assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "prose"]) == 0
     doc = json.loads(next((tiny_project / "baselines" / "tiny").glob("prose.*.json")).read_text())
     assert doc["noise_floor"]["reruns"] == 0 and "deterministic" in doc["noise_floor"]["why"]
+
+
+def test_a_hand_edited_summary_is_refused_naming_the_baseline(tmp_path, baseline):
+    """x1.029 on summary.perplexity turned a failing variant into a pass: the gate's numbers now come from
+    the hashed arrays, and a summary that disagrees with them is an error about the baseline file."""
+    path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
+    for key in ("perplexity", "mean_nll"):
+        _corrupt(path, lambda d: d["summary"].update({key: d["summary"][key] * 1.029}))
+        with pytest.raises(BaselineFormatError, match=rf"code.full.json: summary.{key} .* does not match its arrays "
+                                                      r".*edited by hand\? Restore it from git, or re-measure"):
+            bl.read_baseline(path)
+        bl.write_baseline(baseline, path)
+
+
+def test_a_hand_edited_noise_floor_is_refused(tmp_path, baseline):
+    noisy = replace(baseline, noise={"reruns": 1, "log_ratio": 1e-4, "top1_disagreement": 0.001})
+    path = bl.write_baseline(noisy, bl.baseline_path(tmp_path, "m", "code", "full"))
+    assert bl.read_baseline(path).noise_log_ratio == 1e-4
+    _corrupt(path, lambda d: d["noise_floor"].update(log_ratio=0.05))  # a 5% wider bound, by hand
+    with pytest.raises(BaselineFormatError, match="summary or noise floor does not match integrity.sha256"):
+        bl.read_baseline(path)
+
+
+def test_schema_3_baselines_are_read_unless_an_unverified_noise_floor_would_widen_the_bounds(tmp_path, baseline):
+    path = bl.write_baseline(replace(baseline, noise={"reruns": 0, "log_ratio": 0.0, "top1_disagreement": 0.0}),
+                             bl.baseline_path(tmp_path, "m", "code", "full"))
+    _corrupt(path, lambda d: (d.update(schema=3), d.pop("integrity")))
+    assert bl.read_baseline(path).noise_log_ratio == 0.0  # as the repository's own schema-3 baselines
+    _corrupt(path, lambda d: d["noise_floor"].update(log_ratio=0.05))
+    with pytest.raises(BaselineFormatError, match="schema 3 baseline whose noise floor widens the bounds and nothing "
+                                                  "verifies; rewrite it with: quantgate baseline --force"):
+        bl.read_baseline(path)
+
+
+def test_the_repositorys_schema_3_baselines_still_read():
+    from pathlib import Path
+
+    stored = sorted((Path(__file__).resolve().parents[1] / "baselines" / "demo").glob("*.json"))
+    read = [bl.read_baseline(p) for p in stored if p.name != "builds.json"]
+    assert len(read) == 8 and all(b.perplexity > 1 for b in read)

@@ -5,9 +5,19 @@ for the llama.cpp backend's reference, the F16 GGUF scored by llama.cpp). The JS
 summary and its provenance (protocol, environment, git commit, date, reference checkpoint
 hash); the .npz holds what paired statistics need: per scored token the log-probability of the
 true token and the reference's top-k next tokens with their log-probabilities (the mass outside
-them is 1 - their sum), plus document starts. Files are only written by `quantgate baseline`, atomically (temp file +
-rename), and read strictly: a corrupt file, a wrong hash or an unknown schema is refused
-with a message that names the file.
+them is 1 - their sum), plus document starts. Files are only written by `quantgate baseline`, and read strictly:
+a corrupt file, a wrong hash or an unknown schema is refused with a message that names the file.
+
+One commit across both files: the arrays go to a new file named by their hash
+(<corpus>.<profile>.<sha12>.npz), then the JSON that names them replaces the old JSON in one
+rename, then the old arrays, no longer named by anything, are removed. A kill at any point leaves
+the old baseline or the new one, each whole; at worst an unreferenced array file, removed by the
+next write. Every number the gate takes from a baseline is checked on read: perplexity and mean
+NLL against the hashed arrays (hand-edited summaries are refused by file name), and the numbers
+that cannot be derived from them (the noise floor) are covered by `integrity.sha256` (schema 4).
+Schema 3 files, which named their arrays <corpus>.<profile>.npz, are read as they are; one whose
+noise floor would widen the bounds has nothing covering it and is refused with the command that
+rewrites it.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +40,10 @@ import numpy as np
 from .errors import BaselineFormatError, BaselineMissing
 from .protocol import Protocol, fingerprint_of
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# summary numbers against those recomputed from the stored float32 log-probs (summed in float64):
+# the rounding to float32 moves the mean NLL by ~1e-9; a hand edit moves it by far more
+SUMMARY_TOLERANCE = 1e-7
 # What each older schema lacks, and the value it implies: schema 1 predates the protocol's
 # backend field, and every schema-1 baseline was scored by transformers. Schemas 1 and 2 hold no
 # top-k distributions: perplexity still compares, KL divergence asks for a re-baseline.
@@ -127,6 +142,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:  # the rename itself survives a crash of the machine only once the directory is on disk
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def write_baseline(baseline: Baseline, path: Path) -> Path:
@@ -139,7 +162,9 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
         arrays["topk_logprobs"] = baseline.topk_logprobs.astype(np.float32)
     np.savez_compressed(buffer, **arrays)
     data = buffer.getvalue()
-    arrays_path = path.with_suffix(".npz")
+    arrays_sha = hashlib.sha256(data).hexdigest()
+    arrays_path = path.parent / f"{path.stem}.{arrays_sha[:12]}.npz"
+    mean_nll = _mean_nll(arrays["logprobs"])  # what a reader recomputes from the stored arrays
     document = {
         "kind": KIND,
         "schema": SCHEMA_VERSION,
@@ -147,8 +172,8 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
         "corpus": baseline.corpus,
         "profile": baseline.profile,
         "summary": {
-            "perplexity": baseline.perplexity,
-            "mean_nll": baseline.mean_nll,
+            "perplexity": math.exp(mean_nll),
+            "mean_nll": mean_nll,
             "tokens_scored": baseline.protocol.tokens_scored,
         },
         **({"noise_floor": baseline.noise} if baseline.noise is not None else {}),
@@ -156,18 +181,48 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
         "protocol": baseline.protocol.as_dict(),
         "environment": baseline.environment,
         "provenance": baseline.provenance,
-        "arrays": {"file": arrays_path.name, "sha256": hashlib.sha256(data).hexdigest(),
+        "arrays": {"file": arrays_path.name, "sha256": arrays_sha,
                    "logprobs": "float32 log p(token) per scored token, stream order",
                    "doc_starts": "int64 token index of each document's first token",
                    **({"topk_ids": f"uint16/int32 (tokens, {baseline.top_k}) the reference's most likely next tokens",
                        "topk_logprobs": "float32 their log-probabilities (the rest of the mass: 1 - their sum)",
                        "top_k": baseline.top_k} if baseline.topk_ids is not None else {})},
     }
-    # Arrays first: a JSON that exists always points at complete arrays.
-    _atomic_write(arrays_path, data)
-    _atomic_write(path, (json.dumps(document, indent=2, sort_keys=False) + "\n").encode())
+    document["integrity"] = {"sha256": _integrity(document),
+                             "covers": "summary, noise_floor, protocol_fingerprint and arrays.sha256"}
+    previous = _referenced_arrays(path)
+    _atomic_write(arrays_path, data)  # a new name: the old JSON still names the old arrays
+    _atomic_write(path, (json.dumps(document, indent=2, sort_keys=False) + "\n").encode())  # the commit
+    _remove_unreferenced(path, keep=arrays_path, also=previous)
     baseline.path = path
     return path
+
+
+def _mean_nll(logprobs: np.ndarray) -> float:
+    return float(-np.mean(logprobs.astype(np.float64)))
+
+
+def _integrity(doc: dict) -> str:
+    covered = {"summary": doc.get("summary"), "noise_floor": doc.get("noise_floor"),
+               "protocol_fingerprint": doc.get("protocol_fingerprint"), "arrays": (doc.get("arrays") or {}).get("sha256")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
+
+
+def _referenced_arrays(path: Path) -> Path | None:
+    try:
+        name = json.loads(path.read_text())["arrays"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path.parent / name if isinstance(name, str) and "/" not in name else None
+
+
+def _remove_unreferenced(path: Path, *, keep: Path, also: Path | None) -> None:
+    """Array files of this baseline that its JSON no longer names: the previous ones, and any left by a
+    write that was killed before its commit."""
+    own = re.compile(re.escape(path.stem) + r"(\.[0-9a-f]{12})?\.npz")
+    for candidate in {*(p for p in path.parent.glob("*.npz") if own.fullmatch(p.name)), *([also] if also else [])}:
+        if candidate != keep:
+            candidate.unlink(missing_ok=True)
 
 
 def _field(doc: dict, dotted: str, path: Path, kind: type | tuple = object):
@@ -225,14 +280,29 @@ def read_baseline(path: Path, *, create_hint: str = "quantgate baseline") -> Bas
     if (topk_ids is None) != (topk_logprobs is None) or (
             topk_ids is not None and not (topk_ids.shape == topk_logprobs.shape and len(topk_ids) == logprobs.size)):
         raise BaselineFormatError(f"{arrays_path}: top-k arrays do not match each other or the {logprobs.size} scores")
+    mean_nll = _mean_nll(logprobs)  # the numbers the gate uses come from the hashed arrays
+    for key, recomputed in (("summary.mean_nll", mean_nll), ("summary.perplexity", math.exp(mean_nll))):
+        stored = float(_field(doc, key, path, (int, float)))
+        if not math.isclose(stored, recomputed, rel_tol=SUMMARY_TOLERANCE):
+            raise BaselineFormatError(f"{path}: {key} {stored!r} does not match its arrays ({recomputed!r}, from "
+                                      f"{arrays_path.name}): edited by hand? Restore it from git, or re-measure: "
+                                      f"{create_hint} --force")
+    noise = doc.get("noise_floor") if isinstance(doc.get("noise_floor"), dict) else None
+    if schema >= 4 and _field(doc, "integrity.sha256", path, str) != _integrity(doc):
+        raise BaselineFormatError(f"{path}: its summary or noise floor does not match integrity.sha256 (edited by "
+                                  f"hand?); restore it from git, or re-measure: {create_hint} --force")
+    widens = noise is not None and (float(noise.get("log_ratio", 0.0)) != 0.0
+                                    or float(noise.get("top1_disagreement", 0.0)) != 0.0)
+    if schema < 4 and widens:  # nothing covers it, and it would loosen the bounds
+        raise BaselineFormatError(f"{path}: a schema {schema} baseline whose noise floor widens the bounds and nothing "
+                                  f"verifies; rewrite it with: {create_hint} --force")
     return Baseline(
         model=_field(doc, "model", path, str), corpus=_field(doc, "corpus", path, str),
         profile=_field(doc, "profile", path, str), protocol=protocol,
-        perplexity=float(_field(doc, "summary.perplexity", path, (int, float))),
-        mean_nll=float(_field(doc, "summary.mean_nll", path, (int, float))),
+        perplexity=math.exp(mean_nll), mean_nll=mean_nll,
         environment=_field(doc, "environment", path, dict), provenance=_field(doc, "provenance", path, dict),
         logprobs=logprobs, doc_starts=doc_starts, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
-        noise=doc.get("noise_floor") if isinstance(doc.get("noise_floor"), dict) else None, path=path,
+        noise=noise, path=path,
     )
 
 

@@ -1,0 +1,119 @@
+"""A re-baseline killed at any moment leaves the old baseline or the new one, whole.
+
+`quantgate baseline --force` runs in a subprocess that kills itself with SIGKILL right after its
+k-th write, rename or removal under baselines/ (each file written and fsynced, each os.replace,
+each unlink: whatever the store does, for every k up to the number a whole run makes), and is
+killed at 20 random moments; every time, the stored baseline must read back (hashes, summary,
+sizes all consistent) and be either the old measurement or the new one."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from quantgate import baselines as bl
+
+# Runs the CLI with os.fsync / os.replace / os.unlink counted: those on files under baselines/ are the
+# store's steps. KILL_AT=k: SIGKILL right after the k-th; the count is printed at exit (a whole run).
+FAULTS = """
+import os, signal, sys
+from quantgate.cli import main
+root, kill_at, count = os.path.realpath(sys.argv[1]), int(os.environ.get("KILL_AT", "0")), 0
+def step(target):
+    global count
+    if os.path.realpath(target).startswith(root):
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+def fsync(fd):
+    real_fsync(fd)
+    step(os.readlink(f"/proc/self/fd/{fd}"))
+def replace(src, dst, **kw):
+    real_replace(src, dst, **kw)
+    step(dst)
+def unlink(path, **kw):
+    real_unlink(path, **kw)
+    step(path)
+os.fsync, os.replace, os.unlink = fsync, replace, unlink
+status = main(sys.argv[2:])
+print(f"steps {count}", file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def rebaseline(manifest, **env):
+    return subprocess.Popen([sys.executable, "-c", FAULTS, str(manifest.parent / "baselines"), "baseline",
+                             "--manifest", str(manifest), "--corpus", "code", "--profile", "fast", "--force"],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def state(path):
+    """(tokens scored, arrays sha256) of the baseline at `path`, read as the gate reads it."""
+    stored = bl.read_baseline(path)
+    arrays = json.loads(path.read_text())["arrays"]["file"]
+    return stored.protocol.tokens_scored, hashlib.sha256((path.parent / arrays).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def project(tiny_zoo_template, tmp_path_factory):
+    """A tiny project with an old baseline (token_cap 300) and a manifest that now asks for 250."""
+    from quantgate import cli
+
+    root = tmp_path_factory.mktemp("kill") / "project"
+    shutil.copytree(tiny_zoo_template, root)
+    manifest = root / "quantgate.toml"
+    assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code", "--profile", "fast"]) == 0
+    manifest.write_text(manifest.read_text().replace("token_cap = 300", "token_cap = 250"))
+    path = root / "baselines" / "tiny" / "code.fast.json"
+    old = state(path)
+    saved = root.parent / "old-baselines"
+    shutil.copytree(root / "baselines", saved)
+    started = time.perf_counter()
+    proc = rebaseline(manifest)  # the new measurement, once, to know what "new" looks like
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    seconds = time.perf_counter() - started
+    steps = int(proc.stderr.read().decode().rsplit("steps ", 1)[1].split()[0])
+    new = state(path)
+    assert old[0] != new[0] and steps >= 4
+    return {"root": root, "manifest": manifest, "path": path, "saved": saved, "old": old, "new": new,
+            "seconds": seconds, "steps": steps}
+
+
+def restore(project):
+    shutil.rmtree(project["root"] / "baselines")
+    shutil.copytree(project["saved"], project["root"] / "baselines")
+
+
+def test_a_kill_after_each_write_rename_or_removal_leaves_a_whole_baseline(project):
+    seen = []
+    for k in range(1, project["steps"] + 1):
+        restore(project)
+        proc = rebaseline(project["manifest"], KILL_AT=str(k))
+        assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]  # it did reach step k
+        now = state(project["path"])  # raises if the baseline is unreadable or inconsistent
+        assert now in (project["old"], project["new"]), f"after step {k}"
+        seen.append("new" if now == project["new"] else "old")
+    assert seen[0] == "old" and seen[-1] == "new"  # the commit happened somewhere in between
+
+
+def test_kills_at_20_random_moments_leave_a_whole_baseline(project):
+    rng = random.Random(0)
+    seen = []
+    for _ in range(20):
+        restore(project)
+        proc = rebaseline(project["manifest"])
+        time.sleep(rng.uniform(0.0, project["seconds"] * 1.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        now = state(project["path"])  # raises if the baseline is unreadable or inconsistent
+        assert now in (project["old"], project["new"])
+        seen.append("new" if now == project["new"] else "old")
+    assert "old" in seen  # some kills came before the commit
