@@ -158,29 +158,21 @@ def test_llama_cpp_kernel_choices_are_pinned_and_in_the_protocol(tiny_gguf, monk
     from quantgate.backends import llamacpp
     from quantgate.backends.llamacpp import LlamaCppBackend
 
+    assert LlamaCppBackend.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert llamacpp.NUMERICS["flash_attn"] == "on"
     ids = tiny_gguf["ids"][:40]
 
-    def logits(flash_attn=None):
-        if flash_attn is not None:  # what a context would get with llama.cpp's own choice overridden
-            default = llama_cpp.llama_context_default_params
-
-            def forced():
-                params = default()
-                params.flash_attn_type = flash_attn
-                return params
-            monkeypatch.setattr(llama_cpp, "llama_context_default_params", forced)
-            monkeypatch.setattr(LlamaCppBackend, "_context", _unpinned_context)
+    def logits(flash_attn_type):
+        monkeypatch.setattr(LlamaCppBackend, "flash_attn_type", flash_attn_type)
         backend = LlamaCppBackend(tiny_gguf["f16"], n_threads=2)
         try:
             return backend._window_logits(ids, 0)
         finally:
             backend.close()
-            monkeypatch.undo()
 
-    pinned = logits()
-    np.testing.assert_array_equal(pinned, logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED))
+    pinned = logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    assert np.array_equal(pinned, logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO))  # what "auto" means on a CPU
     assert not np.array_equal(pinned, logits(llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED))  # the choice matters
-    assert llamacpp.NUMERICS["flash_attn"] == "on"
 
     from quantgate.evaluation import Evaluator
     from quantgate.manifest import load_manifest
@@ -190,21 +182,6 @@ def test_llama_cpp_kernel_choices_are_pinned_and_in_the_protocol(tiny_gguf, monk
     assert ev.protocol("demo", "code", backend="llama.cpp").as_dict()["kernels"] == \
         "flash_attn=on, kv_cache=f16, weight_repack=off"
     assert "kernels" not in ev.protocol("demo", "code").as_dict()  # transformers fingerprints unchanged
-
-
-def _unpinned_context(self, n_tokens):
-    """LlamaCppBackend._context without its own flash-attention setting (the context's default stands)."""
-    lc = self._lc
-    self._free_context()
-    size = -(-n_tokens // 256) * 256
-    params = lc.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = size
-    params.n_seq_max = 1
-    params.n_threads = params.n_threads_batch = self.n_threads
-    self._ctx = lc.llama_init_from_model(self._model, params)
-    self._n_ctx = size
-    self._batch = lc.llama_batch_init(size, 0, 1)
-    return self._ctx
 
 
 def test_a_gguf_whose_file_type_contradicts_the_declared_bits_is_refused(tiny_gguf, tmp_path):

@@ -55,6 +55,7 @@ def _import_llama_cpp():
 
 class LlamaCppBackend(ScoringBackend):
     name = "llama.cpp"
+    flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED (NUMERICS); -1 is llama.cpp's per-device "auto"
 
     def __init__(self, gguf_path: Path, *, n_threads: int | None = None, n_ctx: int = 0):
         lc = _import_llama_cpp()
@@ -99,7 +100,7 @@ class LlamaCppBackend(ScoringBackend):
         params.n_ctx = params.n_batch = params.n_ubatch = size
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED  # NUMERICS
+        params.flash_attn_type = self.flash_attn_type
         params.type_k = params.type_v = lc.GGML_TYPE_F16
         params.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, params)
