@@ -41,8 +41,8 @@ from .errors import BaselineFormatError, BaselineMissing
 from .protocol import Protocol, fingerprint_of
 
 SCHEMA_VERSION = 4
-# summary numbers against those recomputed from the stored float32 log-probs (summed in float64):
-# the rounding to float32 moves the mean NLL by ~1e-9; a hand edit moves it by far more
+# summary numbers against those recomputed from the stored log-probs: schema 3 stored them as float32,
+# which moves the mean NLL by ~1e-9; a hand edit moves it by far more
 SUMMARY_TOLERANCE = 1e-7
 # What each older schema lacks, and the value it implies: schema 1 predates the protocol's
 # backend field, and every schema-1 baseline was scored by transformers. Schemas 1 and 2 hold no
@@ -61,7 +61,7 @@ class Baseline:
     mean_nll: float
     environment: dict[str, Any]
     provenance: dict[str, Any]
-    logprobs: np.ndarray  # float32 per scored token, stream order
+    logprobs: np.ndarray  # per scored token, stream order (float64; float32 in schema 3)
     doc_starts: np.ndarray  # int64
     topk_ids: np.ndarray | None = None  # (n, k) the reference's k most likely next tokens, best first
     topk_logprobs: np.ndarray | None = None  # float32 (n, k) their log-probabilities
@@ -154,7 +154,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_baseline(baseline: Baseline, path: Path) -> Path:
     buffer = io.BytesIO()
-    arrays: dict[str, np.ndarray] = {"logprobs": baseline.logprobs.astype(np.float32),
+    # float64: the summary and the gate's ratio are recomputed from these, and must equal what the
+    # reference measured (schema 3 stored float32, which moves a perplexity by ~1e-8)
+    arrays: dict[str, np.ndarray] = {"logprobs": baseline.logprobs.astype(np.float64),
                                      "doc_starts": baseline.doc_starts.astype(np.int64)}
     if baseline.topk_ids is not None:
         small_vocab = baseline.topk_ids.size == 0 or int(baseline.topk_ids.max()) < 2 ** 16
@@ -182,7 +184,7 @@ def write_baseline(baseline: Baseline, path: Path) -> Path:
         "environment": baseline.environment,
         "provenance": baseline.provenance,
         "arrays": {"file": arrays_path.name, "sha256": arrays_sha,
-                   "logprobs": "float32 log p(token) per scored token, stream order",
+                   "logprobs": "float64 log p(token) per scored token, stream order",
                    "doc_starts": "int64 token index of each document's first token",
                    **({"topk_ids": f"uint16/int32 (tokens, {baseline.top_k}) the reference's most likely next tokens",
                        "topk_logprobs": "float32 their log-probabilities (the rest of the mass: 1 - their sum)",
