@@ -74,7 +74,8 @@ def test_zoo_build_of_an_unknown_variant_says_so_instead_of_doing_nothing(tmp_pa
 
 
 OPTION_CASES = {
-    "profile typo": (["--quality-profile", "fsat"], "--quality-profile 'fsat': the manifest has no such profile (its profiles: fast, full)"),
+    "profile typo": (["--quality-profile", "fsat"],
+                     "--quality-profile 'fsat': the manifest has no such profile (its profiles: fast, full)"),
     "device name": (["--quality-device", "gpu"], "--quality-device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
 }
 

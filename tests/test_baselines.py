@@ -142,7 +142,7 @@ def test_a_hand_edited_summary_is_refused_naming_the_baseline(tmp_path, baseline
     the hashed arrays, and a summary that disagrees with them is an error about the baseline file."""
     path = bl.write_baseline(baseline, bl.baseline_path(tmp_path, "m", "code", "full"))
     for key in ("perplexity", "mean_nll"):
-        _corrupt(path, lambda d: d["summary"].update({key: d["summary"][key] * 1.029}))
+        _corrupt(path, lambda d, key=key: d["summary"].update({key: d["summary"][key] * 1.029}))
         with pytest.raises(BaselineFormatError, match=rf"code.full.json: summary.{key} .* does not match its arrays "
                                                       r".*edited by hand\? Restore it from git, or re-measure"):
             bl.read_baseline(path)
