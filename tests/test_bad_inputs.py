@@ -48,6 +48,10 @@ MANIFEST_CASES = {
         swap('recipe = { builder = "transformers", dtype = "bfloat16" }',
              'recipe = { builder = "transformers", dtype = "bfloat16" }\nmax_drop = { code = "x" }'),
         [".max_drop.code]", "must be a number of score points between 0 and 1, got 'x'"]),
+    "tokenizer option that is neither own nor reference": (
+        swap('recipe = { builder = "transformers", dtype = "bfloat16" }',
+             'recipe = { builder = "transformers", dtype = "bfloat16" }\ntokenizer = "mine"'),
+        [".tokenizer]", "'mine'", "own", "reference"]),
     "corpus name with a path separator": (
         DEMO.replace("[corpora.code]", '[corpora."code/../../x"]'),
         ["[corpora.code/../../x]", "is not a safe name"]),
@@ -101,6 +105,10 @@ CORPUS_CASES = {
     "corpus that is not UTF-8": (b"def f():\n    return '\xff\xfe'\n", "corpus 'tiny': {file} is not UTF-8 text (byte 0xff at offset 21)"),
     "one-token corpus": (b"x\n", "corpus 'tiny' (text[train] files=.:tiny.txt) gives 1 token(s) with demo's tokenizer: "
                                   "nothing to score (a prediction needs 2 tokens)"),
+    "corpus shorter than ten windows": (b"def f(x):\n    return x + 1\n" * 50,
+                                        "gives 598 token(s) with demo's tokenizer: 597 scored in 4 window(s) of "
+                                        "max_length 256, stride 128. The gate "
+                                        "needs at least 10 windows to put a confidence interval on a change"),
 }
 
 

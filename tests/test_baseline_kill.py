@@ -64,14 +64,14 @@ def state(path):
 
 @pytest.fixture(scope="module")
 def project(tiny_zoo_template, tmp_path_factory):
-    """A tiny project with an old baseline (token_cap 300) and a manifest that now asks for 250."""
+    """A tiny project with an old baseline (token_cap 400) and a manifest that now asks for 360."""
     from quantgate import cli
 
     root = tmp_path_factory.mktemp("kill") / "project"
     shutil.copytree(tiny_zoo_template, root)
     manifest = root / "quantgate.toml"
     assert cli.main(["baseline", "--manifest", str(manifest), "--corpus", "code", "--profile", "fast"]) == 0
-    manifest.write_text(manifest.read_text().replace("token_cap = 300", "token_cap = 250"))
+    manifest.write_text(manifest.read_text().replace("token_cap = 400", "token_cap = 360"))
     path = root / "baselines" / "tiny" / "code.fast.json"
     old = state(path)
     saved = root.parent / "old-baselines"

@@ -147,3 +147,21 @@ def test_a_tie_at_the_top_counts_as_agreement():
                              max_logprob=np.array([-0.7, -0.5], np.float32))
     baseline = SimpleNamespace(topk_ids=np.array([[4, 3], [6, 5]]))
     assert Evaluator._same_top1(scores, baseline).tolist() == [True, False]
+
+
+def test_a_flip_to_a_token_fp16_nearly_chose_is_a_near_tie_and_counts_as_agreement():
+    from quantgate.gate import TIE_WIDTH
+    from quantgate.stats import near_tie_flips, near_tie_share
+
+    ids = np.array([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    lp = np.array([[-1.0, -1.0 - TIE_WIDTH / 2, -3.0],  # the variant picks 2: a near-tie
+                   [-1.0, -1.0 - 2 * TIE_WIDTH, -3.0],  # picks 2: FP16 preferred 1 by more than the width
+                   [-1.0, -1.01, -1.02],                # picks 9, outside FP16's top-k: never a near-tie
+                   [-1.0, -1.01, -1.02]])               # picks 1: agreement, not a flip
+    choice, same = np.array([2, 2, 9, 1]), np.array([False, False, False, True])
+    assert near_tie_flips(ids, lp, choice, same, TIE_WIDTH).tolist() == [True, False, False, False]
+    assert near_tie_share(lp, TIE_WIDTH) == 0.75
+    c = compare(ref_target=np.zeros(4) - 1, var_target=np.zeros(4) - 1, kl=np.zeros(4), same_top1=same,
+                block_sizes=np.array([4]), kl_kind="exact", top_k=None,
+                tie_flip=near_tie_flips(ids, lp, choice, same, TIE_WIDTH), near_ties=0.75)
+    assert (c.top1, c.top1_plain, c.tie_flips) == (0.5, 0.25, 1)

@@ -94,7 +94,7 @@ def write_manifest(root: Path, *, variants: str, stride: int = 32, extra_quantga
         batch_size = 4
 
         [protocol.profiles.fast]
-        token_cap = 300
+        token_cap = 400
 
         [corpora.code]
         path = "json"

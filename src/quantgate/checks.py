@@ -106,6 +106,8 @@ class Gate:
         protocol_line = (f"{p.fingerprint} (corpus {p.corpus} {p.text_sha256[:12]}, max_length {p.max_length}, "
                          f"stride {p.stride}, token_cap {p.token_cap}, {p.backend}, {p.dtype}, {p.device_class}, "
                          f"{p.scoring_rule})")
+        if m.description.get("tokenizer", "own") != "own":
+            protocol_line += f"; tokenizer: {m.description['tokenizer']}"  # the variant's option
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
@@ -115,6 +117,7 @@ class Gate:
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
         record.kernels = m.description.get("kernels", [])
+        record.tokenizer = m.description.get("tokenizer")
         record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
         parameters = ev.reference_parameters(case.model)
         if record.size_bytes and parameters:
@@ -153,9 +156,14 @@ class Gate:
                        f"tail      : p99 {st.kl_p99:.4g}, p99.9 {st.kl_p999:.4g}, max {st.kl_max:.4g}",
                        f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
         else:
+            from .gate import TIE_WIDTH
+
             value, interval = st.top1, st.top1_interval
-            details = [f"agreement : the variant's most likely next token is FP16's on {st.top1 * 100:.2f}% of "
-                       f"{st.tokens:,} tokens (Wilson interval)",
+            details = [f"agreement : the variant's most likely next token is FP16's, or one FP16 rated within {TIE_WIDTH:g} nats "
+                       f"of its own (a near-tie), on {st.top1 * 100:.2f}% of {st.tokens:,} tokens (Wilson interval)",
+                       f"near-ties : {st.tie_flips:,} of the {round((1 - st.top1_plain) * st.tokens):,} flips were near-ties "
+                       f"(plain agreement {st.top1_plain:.6g}); FP16's first two choices lie within {TIE_WIDTH:g} nats on "
+                       f"{st.near_ties * 100:.2f}% of tokens",
                        f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
         marginal = row is not None and row.acceptable == "Marginal"
         limit = bound.value

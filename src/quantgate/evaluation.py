@@ -135,6 +135,17 @@ class Evaluator:
         if scored == 0:
             raise QuantgateError(f"corpus {corpus!r} ({self.corpus(corpus).source}) gives {len(tok.ids)} token(s) with "
                                  f"{model}'s tokenizer: nothing to score (a prediction needs 2 tokens)")
+        from .perplexity import plan_windows
+        from .stats import MIN_BLOCKS
+
+        windows = len(plan_windows(len(tok.ids), s.max_length, s.stride))
+        if windows < MIN_BLOCKS:
+            raise QuantgateError(
+                f"corpus {corpus!r} ({self.corpus(corpus).source}) gives {len(tok.ids):,} token(s) with {model}'s "
+                f"tokenizer: {scored:,} scored in {windows} window(s) of max_length {s.max_length}, stride {s.stride}. "
+                f"The gate needs at least {MIN_BLOCKS} windows to put a confidence interval on a change (paired block "
+                f"bootstrap), so with this corpus it could not tell a broken variant from noise. Use a longer text, "
+                f"or a smaller max_length and stride for {model} ([models.{model}.protocol])")
         return Protocol(
             corpus=corpus, corpus_source=self.corpus(corpus).source,
             text_sha256=self.corpus(corpus).text_sha256, documents=len(self.corpus(corpus).documents),
@@ -295,10 +306,15 @@ class Evaluator:
             kl, kind = self._exact_kl(model, variant, corpus), "exact"
         else:
             kl, kind = kl_bound_from_baseline(baseline.topk_logprobs, m.scores.gathered), f"lower bound (top-{top_k} + rest)"
+        from .gate import TIE_WIDTH
+        from .stats import near_tie_flips, near_tie_share
+
         ref_target = baseline.logprobs.astype(np.float64)
-        stats = compare(ref_target=ref_target, var_target=m.scores.logprobs, kl=kl,
-                        same_top1=self._same_top1(m.scores, baseline), block_sizes=m.scores.block_sizes,
-                        kl_kind=kind, top_k=top_k)
+        same = self._same_top1(m.scores, baseline)
+        stats = compare(ref_target=ref_target, var_target=m.scores.logprobs, kl=kl, same_top1=same,
+                        block_sizes=m.scores.block_sizes, kl_kind=kind, top_k=top_k,
+                        tie_flip=near_tie_flips(baseline.topk_ids, baseline.topk_logprobs, m.scores.argmax, same, TIE_WIDTH),
+                        near_ties=near_tie_share(baseline.topk_logprobs, TIE_WIDTH))
         self._comparisons[key] = Comparison(measurement=m, stats=stats)
         return self._comparisons[key]
 
@@ -349,29 +365,34 @@ class Evaluator:
             release(reference)
 
     def _check_tokenizer(self, model, variant, corpus, loaded, settings, reference_tokens) -> None:
-        """The variant must give the reference's token ids the reference's meaning."""
+        """The variant must give the reference's token ids the reference's meaning (checkpoints/tokenizer_audit.py).
+
+        A GGUF's vocabulary and special tokens are read from the file itself, whichever backend scores it;
+        a checkpoint with its own tokenizer files must also cut the corpus into the reference's ids, unless
+        the variant asks for the reference's tokenizer. How the text was tokenized goes into the description."""
+        from .checkpoints.tokenizer_audit import audit, gguf_vocabulary, reference_vocabulary
+
         what = f"{model}/{variant or 'reference'}"
         source = loaded.description["tokenizer_from"]
-        if loaded.vocabulary is not None:  # a backend fed with the reference's ids: same vocabulary?
-            ref_tok = self.reference_tokenizer(model)
-            expected = ref_tok.convert_ids_to_tokens(list(range(len(ref_tok))))
-            ours = loaded.vocabulary[:len(expected)]
-            differ = [i for i, (a, b) in enumerate(zip(expected, ours, strict=False)) if a != b]
-            if differ or len(ours) < len(expected):
-                i = differ[0] if differ else len(ours)
-                raise TokenizerMismatch(
-                    f"{what}: the vocabulary in {source} differs from the reference tokenizer's "
-                    f"({len(differ)} of {len(expected)} ids; first id {i}: {ours[i] if i < len(ours) else None!r} "
-                    f"vs {expected[i]!r}): the same ids would mean other tokens")
+        use_reference = variant is not REFERENCE and self.variant(model, variant).tokenizer == "reference"
+        reference = reference_vocabulary(self.reference_tokenizer(model), str(self.model(model).path))
+        if str(source).endswith(".gguf"):
+            own = gguf_vocabulary(Path(source))
+        else:
+            own = reference_vocabulary(loaded.tokenizer, str(source))
+        loaded.description["tokenizer"] = audit(reference, own, what=what, use_reference=use_reference)
+        if use_reference or loaded.tokenizer is None:
             return
-        own = tokenize(self.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos, token_cap=settings.token_cap)
-        if own.tokens_sha256 != reference_tokens.tokens_sha256:
-            first = next((i for i, (a, b) in enumerate(zip(own.ids, reference_tokens.ids, strict=False)) if a != b),
-                         min(len(own.ids), len(reference_tokens.ids)))
+        own_ids = tokenize(self.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos, token_cap=settings.token_cap)
+        if own_ids.tokens_sha256 != reference_tokens.tokens_sha256:
+            first = next((i for i, (a, b) in enumerate(zip(own_ids.ids, reference_tokens.ids, strict=False)) if a != b),
+                         min(len(own_ids.ids), len(reference_tokens.ids)))
             raise TokenizerMismatch(
                 f"{what}: its tokenizer ({source}) turns corpus {corpus!r} into different token ids than the "
-                f"reference's ({len(own.ids)} vs {len(reference_tokens.ids)} tokens, first difference at token "
-                f"{first}): perplexities would not be comparable")
+                f"reference's ({len(own_ids.ids)} vs {len(reference_tokens.ids)} tokens, first difference at token "
+                f"{first}): perplexities would not be comparable. The vocabularies and special tokens agree, so "
+                f"the split rules differ (pre-tokenizer, merges or normalizer); if the reference's ids are what you "
+                f'mean to score, set tokenizer = "reference" on the variant in quantgate.toml')
 
     # -- tasks ----------------------------------------------------------------------------
     def task(self, model: str, name: str, profile: str | None = None):

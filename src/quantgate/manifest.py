@@ -106,6 +106,9 @@ class Variant:
     max_kl: float | None = None  # overrides of the table's KL divergence / top-1 agreement bounds
     min_top1: float | None = None
     max_drop: dict[str, float] = field(default_factory=dict)  # capability -> override of the table's max task drop
+    # "own": a checkpoint's own tokenizer must cut the corpora as the reference's does; "reference": score it
+    # with the reference's tokenizer (allowed when the vocabularies are identical string for string; recorded)
+    tokenizer: str = "own"
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,9 @@ def _task(name: str, t: _Table, root: Path) -> TaskSpec:
     return task
 
 
+TOKENIZER_CHOICES = ("own", "reference")
+
+
 def _variant(t: _Table, root: Path) -> Variant:
     path = t.take("path", str, None)
     variant = Variant(
@@ -337,6 +343,7 @@ def _variant(t: _Table, root: Path) -> Variant:
         max_kl=t.take("max_kl", (int, float), None),
         min_top1=t.take("min_top1", (int, float), None),
         max_drop=_max_drops(t),
+        tokenizer=t.take("tokenizer", str, "own", choices=TOKENIZER_CHOICES),
     )
     t.done()
     if variant.backend == "llama.cpp" and variant.format != "gguf":

@@ -30,6 +30,7 @@ class Record:
     tokens_scored: int | None = None
     backend: str | None = None
     kernels: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # how the corpus reached the variant: "own", or "reference (...)" (the variant's option)
     group_size: int | None = None
     desc_act: bool | None = None
     scheme: str | None = None
@@ -107,11 +108,14 @@ class RunReport:
         rows = [r for r in self.records if r.metric == "relative_perplexity" and r.distribution]
         if not rows:
             return []
+        from .gate import TIE_WIDTH
+
         verdicts = {(r.model, r.variant, r.corpus, r.metric): r.verdict for r in self.records}
         kind = rows[0].distribution.get("kl_kind", "")
         bound_words = ", a lower bound of the full KL" if kind.startswith("lower bound") else ""
         lines = ["", f"Next-token distributions against FP16 (95% intervals; KL divergence: {kind}{bound_words}; "
-                 "top-1: share of tokens whose most likely next token is FP16's):", "",
+                 f"top-1: share of tokens whose most likely next token is FP16's or one FP16 rated within {TIE_WIDTH:g} nats of its own, "
+                 "a near-tie; plain: no near-tie excused):", "",
                  "| variant | backend | corpus | relative PPL [95% CI] | mean KL [95% CI] | KL p99 / p99.9 | "
                  "top-1 [95% CI] | mean Δp | KL verdict | top-1 verdict | note |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -123,7 +127,8 @@ class RunReport:
             lines.append(
                 f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {d['ppl_ratio']:.4f} [{lo:.4f}, {hi:.4f}] | "
                 f"{d['kl_mean']:.2e} [{klo:.2e}, {khi:.2e}] | {d['kl_p99']:.2e} / {d['kl_p999']:.2e} | "
-                f"{d['top1']:.4f} [{tlo:.4f}, {thi:.4f}] | {d['delta_p']['mean'] * 100:+.3f}% | "
+                f"{d['top1']:.4f} [{tlo:.4f}, {thi:.4f}] (plain {d.get('top1_plain', math.nan):.4f}) | "
+                f"{d['delta_p']['mean'] * 100:+.3f}% | "
                 f"{verdicts.get((r.model, r.variant, r.corpus, 'kl_divergence'), '-')} | "
                 f"{verdicts.get((r.model, r.variant, r.corpus, 'top1_agreement'), '-')} | "
                 f"{(r.note or '').split('. ')[0].replace('|', '/') or '-'} |")

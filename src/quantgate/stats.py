@@ -126,12 +126,15 @@ class PairedComparison:
     kl_p99: float
     kl_p999: float
     kl_max: float
-    top1: float
+    top1: float  # near-ties excused (gate.TIE_WIDTH): what the gate judges
     top1_interval: Interval  # Wilson (binomial), widened to the block bootstrap's where that is wider
     ppl_ratio: float
     ppl_ratio_interval: Interval | None
     ppl_ratio_se_log: float  # bootstrap standard error of log(ratio)
     delta_p: dict  # distribution of p_variant(correct) - p_reference(correct), as llama.cpp prints it
+    top1_plain: float = math.nan  # the variant's top token is FP16's, no near-tie excused (llama.cpp's "same top")
+    tie_flips: int = 0  # tokens whose top token changed to one FP16 rated within the tie width of its own
+    near_ties: float = 0.0  # share of tokens whose FP16 first and second choices lie within the tie width
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -154,12 +157,30 @@ def delta_p_summary(ref_target: np.ndarray, var_target: np.ndarray) -> dict:
     return out
 
 
+def near_tie_flips(ref_topk_ids: np.ndarray, ref_topk_logprobs: np.ndarray, choice: np.ndarray,
+                   same_top1: np.ndarray, width: float) -> np.ndarray:
+    """Per token: the variant's top token is not FP16's, but one FP16 itself rated within `width` nats of
+    its own first choice (a near-tie). A choice outside FP16's stored top-k is never a near-tie."""
+    ref_topk_logprobs = np.asarray(ref_topk_logprobs, np.float64)
+    at = np.asarray(ref_topk_ids) == np.asarray(choice)[:, None]
+    ref_at_choice = np.where(at, ref_topk_logprobs, -np.inf).max(axis=1)
+    return ~np.asarray(same_top1, bool) & (ref_topk_logprobs[:, 0] - ref_at_choice <= width)
+
+
+def near_tie_share(ref_topk_logprobs: np.ndarray, width: float) -> float:
+    """Share of tokens whose reference first and second choices lie within `width` nats."""
+    lp = np.asarray(ref_topk_logprobs, np.float64)
+    return float(np.mean(lp[:, 0] - lp[:, 1] <= width)) if lp.ndim == 2 and lp.shape[1] > 1 and len(lp) else 0.0
+
+
 def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, same_top1: np.ndarray,
-            block_sizes: np.ndarray, kl_kind: str, top_k: int | None) -> PairedComparison:
+            block_sizes: np.ndarray, kl_kind: str, top_k: int | None, tie_flip: np.ndarray | None = None,
+            near_ties: float = 0.0) -> PairedComparison:
     """Paired statistics over the same scored tokens under both models.
 
     ref_target / var_target: log p(correct token) per token; kl: per-token KL divergence;
-    same_top1: bool per token; block_sizes: tokens per scoring window, in order.
+    same_top1: bool per token; block_sizes: tokens per scoring window, in order; tie_flip: bool per
+    token, a flip to one of FP16's near-ties (`near_tie_flips`), counted as agreement in `top1`.
     """
     n = len(ref_target)
     if not (len(var_target) == len(kl) == len(same_top1) == n) or n == 0:
@@ -169,6 +190,11 @@ def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, s
     if not (np.isfinite(nll_diff).all() and np.isfinite(kl).all()):
         raise ValueError("paired scores or KL divergences are not finite")
     log_ratio = float(nll_diff.mean())
+    plain = int(np.count_nonzero(same_top1))
+    tie_flip = np.zeros(n, bool) if tie_flip is None else np.asarray(tie_flip, bool) & ~np.asarray(same_top1, bool)
+    if len(tie_flip) != n:
+        raise ValueError("paired arrays must be non-empty and of equal length")
+    same_top1 = np.asarray(same_top1, bool) | tie_flip
     agree = int(np.count_nonzero(same_top1))
     top1_interval = wilson_interval(agree, n)
     enough = len(block_sizes) >= MIN_BLOCKS
@@ -188,6 +214,7 @@ def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, s
         ppl_ratio_interval=Interval(*np.exp(np.percentile(boot_log_ratio, [2.5, 97.5]))) if enough else None,
         ppl_ratio_se_log=float(np.std(boot_log_ratio, ddof=1)) if enough else float("nan"),
         delta_p=delta_p_summary(ref_target, var_target),
+        top1_plain=plain / n, tie_flips=int(np.count_nonzero(tie_flip)), near_ties=near_ties,
     )
 
 
