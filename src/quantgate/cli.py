@@ -4,6 +4,7 @@
   quantgate zoo build [--model M] [--variant V] [--force]
   quantgate protocol [--model M] [--corpus C] [--profile P]
   quantgate report QUALITY.json [--readme README.md]
+  quantgate compare OLD.json NEW.json [--json OUT.json] [--markdown OUT.md]
 """
 
 from __future__ import annotations
@@ -246,6 +247,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def read_run(path: str):
+    """A --quality-json file, or an error naming it."""
+    from .report import RunReport
+
+    try:
+        return RunReport.from_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise QuantgateError(f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QuantgateError(f"{path}: not a quantgate --quality-json file ({type(exc).__name__}: {exc})") from None
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_runs, markdown, to_json
+
+    result = compare_runs(read_run(args.old), read_run(args.new))
+    text = markdown(result, args.old, args.new)
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json_out:
+        Path(args.json_out).write_text(to_json(result))
+    return result.exit_status()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantgate", description="Quality gate for quantized LLM checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="demo-summary (the run's summary) or acceptability (the table's rows beside measured ratios)")
     rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
     rp.set_defaults(func=cmd_report)
+    cp = sub.add_parser("compare", help="what changed between two --quality-json runs (exit 1 when a passing check "
+                        "now fails)")
+    cp.add_argument("old", help="the earlier run's --quality-json file")
+    cp.add_argument("new", help="the later run's --quality-json file")
+    cp.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="write the comparison as JSON")
+    cp.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown shown here to a file")
+    cp.set_defaults(func=cmd_compare)
     return parser
 
 
