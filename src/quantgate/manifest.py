@@ -362,6 +362,12 @@ def load_manifest(path: str | Path) -> Manifest:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(path, "syntax", str(exc)) from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
+    """A manifest from its parsed TOML; `path` names it in errors and anchors its relative paths."""
+    path = Path(path)
     root = path.parent
     top = _Table(raw, path, "")
 
