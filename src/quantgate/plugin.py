@@ -1,75 +1,29 @@
-"""The pytest plugin (entry point `pytest11: quantgate`): options, fixtures, exit codes.
+"""The pytest plugin (entry point `pytest11: quantgate`): options, fixtures, hooks.
 
-Kept thin and import-light: pytest loads it on every run, so the evaluation stack is
-imported inside fixtures only. Exit codes:
-  0 all quality checks passed;  1 a check failed (or, with --quality-strict, was skipped);
-  125 with --quality-bisect, when nothing failed for real but something could not be tested
-  here (missing checkpoint, no CUDA, protocol drift, a manifest this commit cannot load, no
-  tests, collection error), so that `git bisect run` skips the commit;
-  255 with --quality-bisect, when a quality option's value is wrong (`--quality-profile fsat`,
-  `--quality-device gpu`): that is the command line, the same at every commit, so the bisection
-  must stop rather than mark every commit bad (exit 1) or skip them all (125). git aborts
-  `bisect run` on any exit code above 127. Without --quality-bisect it is pytest's usage error, 4.
+Kept thin and import-light: pytest loads it on every run, so the evaluation stack is imported
+inside fixtures only. Hooks hand off to the session object (`session.QualitySession`), whose
+`exit_status` policy (0 / 1 / 125 / 255, and why) is documented and unit-tested there.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .errors import CannotTest, ManifestError, QuantgateError
+from .session import BISECT_ABORT, BISECT_SKIP, QualitySession
 
-BISECT_SKIP = 125
-BISECT_ABORT = 255
 DEVICE_SYNTAX = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class OptionError(pytest.UsageError):
     """A quality option's value is wrong: the same at every commit, so a bisection aborts on it."""
-_UNTESTABLE_EXITS = {pytest.ExitCode.INTERRUPTED, pytest.ExitCode.USAGE_ERROR,
-                     pytest.ExitCode.NO_TESTS_COLLECTED, pytest.ExitCode.INTERNAL_ERROR}
 
 
-@dataclass
-class QualityState:
-    manifest_option: str | None
-    profile_option: str | None
-    device_option: str
-    bisect: bool
-    strict: bool
-    json_path: Path | None
-    summary_path: Path | None
-    rootdir: Path
-    exact_kl: bool = False
-    bad: list[str] = field(default_factory=list)
-    untestable: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    _manifest: Any = None
-    evaluator: Any = None
-    report: Any = None
-
-    def manifest(self):
-        if self._manifest is None:
-            from .manifest import find_manifest, load_manifest
-
-            path = Path(self.manifest_option) if self.manifest_option else find_manifest(self.rootdir)
-            if path is None:
-                raise ManifestError(self.rootdir / "quantgate.toml", "file",
-                                    "not found (pass --quality-manifest PATH)")
-            self._manifest = load_manifest(path)
-        return self._manifest
-
-    @property
-    def profile(self) -> str:
-        return self.profile_option or self.manifest().default_profile
-
-
-STATE = pytest.StashKey[QualityState]()
+STATE = pytest.StashKey[QualitySession]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -100,7 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
     opt = config.option
     if not DEVICE_SYNTAX.fullmatch(opt.quality_device):
         raise OptionError(f"--quality-device {opt.quality_device!r} is not a device: use auto, cpu, cuda or cuda:N")
-    config.stash[STATE] = QualityState(
+    config.stash[STATE] = QualitySession(
         manifest_option=opt.quality_manifest, profile_option=opt.quality_profile,
         device_option=opt.quality_device, bisect=opt.quality_bisect, strict=opt.quality_strict,
         json_path=Path(opt.quality_json) if opt.quality_json else None,
@@ -117,7 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
                               f"(its profiles: {', '.join(known)})")
 
 
-def _state(config: pytest.Config) -> QualityState:
+def _state(config: pytest.Config) -> QualitySession:
     return config.stash[STATE]
 
 
@@ -241,18 +195,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if item.get_closest_marker("quality") is None:
         return report
-    state = _state(item.config)
-    if report.skipped and not hasattr(report, "wasxfail"):
-        state.skipped.append(item.nodeid)
-    elif report.failed:
-        exc = call.excinfo.value if call.excinfo else None
-        if isinstance(exc, QuantgateError):
-            report.longrepr = f"{type(exc).__name__}: {exc}"  # the message says it all; no traceback
-        drift = item.get_closest_marker("quality_protocol") is not None
-        if isinstance(exc, CannotTest) or drift:
-            state.untestable.append(item.nodeid)
-        else:
-            state.bad.append(item.nodeid)
+    exc = call.excinfo.value if call.excinfo else None
+    if report.failed and isinstance(exc, QuantgateError):
+        report.longrepr = f"{type(exc).__name__}: {exc}"  # the message says it all; no traceback
+    drift = item.get_closest_marker("quality_protocol") is not None
+    _state(item.config).record(item.nodeid, skipped=report.skipped and not hasattr(report, "wasxfail"),
+                               failed=report.failed, untestable=isinstance(exc, CannotTest) or drift)
     return report
 
 
@@ -284,16 +232,7 @@ def pytest_cmdline_main(config: pytest.Config):
 
 @pytest.hookimpl(trylast=True)  # after syrupy, which ORs its own status into the exit code
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = _state(session.config)
-    if state.report is not None and state.report.records:
-        state.report.write(state.json_path, state.summary_path)
-    if state.strict and state.skipped:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if state.bisect:
-        if state.bad:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        elif state.untestable or state.skipped or session.exitstatus in _UNTESTABLE_EXITS:
-            session.exitstatus = BISECT_SKIP
+    session.exitstatus = _state(session.config).finish(session.exitstatus)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -303,24 +242,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(state.report.markdown())
         if state.summary_path:
             terminalreporter.write_line(f"summary written to {state.summary_path}")
-    if state.strict and state.skipped:
-        terminalreporter.write_line(f"--quality-strict: {len(state.skipped)} quality check(s) skipped, "
-                                    "which fails the gate: " + ", ".join(state.skipped), red=True)
-    if state.bisect and config.get_verbosity() >= 0:
-        if state.bad:
-            terminalreporter.write_line("quantgate bisect: bad (quality failure)")
-        elif state.untestable or state.skipped:
-            terminalreporter.write_line(f"quantgate bisect: cannot test here, exit {BISECT_SKIP}: "
-                                        + ", ".join(state.untestable + state.skipped))
+    for line, red in state.closing_lines(quiet=config.get_verbosity() < 0):
+        terminalreporter.write_line(line, red=red)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if os.environ.get("QUANTGATE_QUIET_HEADER"):
         return None
     state = _state(config)
+    if not state.in_use():
+        return None
     flags = [f for f, on in (("bisect", state.bisect), ("strict", state.strict)) if on]
     return [f"quantgate: device={state.device_option} profile={state.profile_option or '(manifest default)'}"
             + (f" ({', '.join(flags)})" if flags else "")]
 
 
-__all__ = ["QualityState", "STATE", "QuantgateError"]
+__all__ = ["QualitySession", "STATE", "QuantgateError"]

@@ -1,0 +1,105 @@
+"""The quality session: what the pytest plugin's hooks hand off to.
+
+Options, the manifest (loaded once), the outcome ledger of the quality checks, and the exit-status
+policy. `exit_status` is a pure function of the ledger and pytest's own status, so the policy that
+`git bisect run` and CI depend on is unit-tested without running pytest:
+  0 all quality checks passed;  1 a check failed (or, with --quality-strict, was skipped);
+  125 with --quality-bisect, when nothing failed for real but something could not be tested here
+  (missing checkpoint, no CUDA, protocol drift, a manifest this commit cannot load, no tests, a
+  collection or usage error inside the session), so that `git bisect run` skips the commit;
+  255 with --quality-bisect, when a quality option's value is wrong (the same at every commit):
+  git aborts `bisect run` on any exit code above 127 (plugin.pytest_cmdline_main).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BISECT_SKIP = 125
+BISECT_ABORT = 255
+TESTS_FAILED = 1
+INTERRUPTED, INTERNAL_ERROR, USAGE_ERROR, NO_TESTS_COLLECTED = 2, 3, 4, 5
+UNTESTABLE_EXITS = (INTERRUPTED, INTERNAL_ERROR, USAGE_ERROR, NO_TESTS_COLLECTED)
+
+
+def exit_status(pytest_status: int, *, bad: int, untestable: int, skipped: int, bisect: bool, strict: bool) -> int:
+    """The run's exit status from pytest's and the quality checks' outcomes (counts of each kind)."""
+    status = int(pytest_status)
+    if strict and skipped:
+        status = TESTS_FAILED
+    if bisect:
+        if bad:
+            return TESTS_FAILED
+        if untestable or skipped or status in UNTESTABLE_EXITS:
+            return BISECT_SKIP
+    return status
+
+
+@dataclass
+class QualitySession:
+    manifest_option: str | None
+    profile_option: str | None
+    device_option: str
+    bisect: bool
+    strict: bool
+    json_path: Path | None
+    summary_path: Path | None
+    rootdir: Path
+    exact_kl: bool = False
+    bad: list[str] = field(default_factory=list)
+    untestable: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    _manifest: Any = None
+    evaluator: Any = None
+    report: Any = None
+
+    def manifest(self):
+        if self._manifest is None:
+            from .errors import ManifestError
+            from .manifest import find_manifest, load_manifest
+
+            path = Path(self.manifest_option) if self.manifest_option else find_manifest(self.rootdir)
+            if path is None:
+                raise ManifestError(self.rootdir / "quantgate.toml", "file", "not found (pass --quality-manifest PATH)")
+            self._manifest = load_manifest(path)
+        return self._manifest
+
+    @property
+    def profile(self) -> str:
+        return self.profile_option or self.manifest().default_profile
+
+    def in_use(self) -> bool:
+        """A manifest was named or is found: this run is quantgate's business."""
+        from .manifest import find_manifest
+
+        return bool(self.manifest_option) or find_manifest(self.rootdir) is not None
+
+    def record(self, nodeid: str, *, skipped: bool, failed: bool, untestable: bool) -> None:
+        """One quality check's outcome: skipped, failed for real (bad), or could not be tested here."""
+        if skipped:
+            self.skipped.append(nodeid)
+        elif failed:
+            (self.untestable if untestable else self.bad).append(nodeid)
+
+    def finish(self, pytest_status: int) -> int:
+        """Write the reports and return the run's exit status."""
+        if self.report is not None and self.report.records:
+            self.report.write(self.json_path, self.summary_path)
+        return exit_status(pytest_status, bad=len(self.bad), untestable=len(self.untestable),
+                           skipped=len(self.skipped), bisect=self.bisect, strict=self.strict)
+
+    def closing_lines(self, *, quiet: bool = False) -> list[tuple[str, bool]]:
+        """(line, red) for the end of the terminal report; quiet (-q -q) keeps the strict-mode line only."""
+        lines = []
+        if self.strict and self.skipped:
+            lines.append((f"--quality-strict: {len(self.skipped)} quality check(s) skipped, which fails the gate: "
+                          + ", ".join(self.skipped), True))
+        if self.bisect and not quiet:
+            if self.bad:
+                lines.append(("quantgate bisect: bad (quality failure)", False))
+            elif self.untestable or self.skipped:
+                lines.append((f"quantgate bisect: cannot test here, exit {BISECT_SKIP}: "
+                              + ", ".join(self.untestable + self.skipped), False))
+        return lines
