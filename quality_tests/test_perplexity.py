@@ -20,3 +20,9 @@ def test_kl_divergence(quality_case, quality_gate):
 @pytest.mark.quality
 def test_top1_agreement(quality_case, quality_gate):
     quality_gate.top1_agreement(quality_case)
+
+
+@pytest.mark.quality
+def test_registered_metric(quality_metric_case, quality_gate):
+    """Metrics a team registered (quantgate.metrics.register_metric); none by default."""
+    quality_gate.metric(quality_metric_case.case, quality_metric_case.metric)

@@ -283,3 +283,25 @@ def assert_skipped_as_untestable(pytester, reason):
     assert reason in result.stdout.str()
     assert run(pytester, "-k", "perplexity", "--quality-strict").ret == 1
     assert run(pytester, "-k", "perplexity", "--quality-bisect").ret == BISECT_SKIP
+
+
+def test_a_metric_registered_from_a_conftest_is_gated_and_reported(pytester, tiny_zoo_template, tmp_path, monkeypatch):
+    """One register_metric call outside the package: the gate parametrizes it over every case, judges it
+    against its bound and reports it (JSON and summary)."""
+    from quantgate import metrics
+
+    monkeypatch.setattr(metrics, "_REGISTRY", dict(metrics._REGISTRY))  # pytester runs in this process
+    make_project(pytester, tiny_zoo_template)
+    (pytester.path / "quality_tests" / "conftest.py").write_text(
+        "from quantgate.metrics import Metric, register_metric\n"
+        "register_metric(Metric(name='kl_p99', higher_is_better=False, bound_key='max_kl_p99',\n"
+        "                       compute=lambda st: (st.kl_p99, None), default_bound=1e-12))\n")
+    result = run(pytester, "--quality-json", str(tmp_path / "q.json"), "-k", "registered_metric")
+    assert result.ret == 1
+    result.assert_outcomes(failed=2)  # one per corpus of the one variant
+    out = result.stdout.str()
+    assert "test_registered_metric[tiny/close/code/kl_p99]" in out
+    assert "tiny/close on code: kl p99" in out and "exceeds the bound 1e-12" in out
+    assert "| tiny/close | code | kl_p99 |" in out and "| <= 1e-12 | FAIL |" in out
+    records = json.loads((tmp_path / "q.json").read_text())["records"]
+    assert {(r["metric"], r["verdict"], r["bound_source"]) for r in records} == {("kl_p99", "FAIL", "metric 'kl_p99' default")}

@@ -28,6 +28,18 @@ class Case:
 
 
 @dataclass(frozen=True)
+class MetricCase:
+    """A case and one metric registered beyond the built-in ones (quality_tests: test_registered_metric)."""
+
+    case: Case
+    metric: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.id}/{self.metric}"
+
+
+@dataclass(frozen=True)
 class TaskCase:
     model: str
     variant: str
@@ -69,7 +81,7 @@ class Gate:
         record = Record(model=case.model, variant=case.variant, corpus=case.corpus, metric=metric,
                         format=variant.format, bits=variant.bits, group_size=variant.group_size, desc_act=variant.desc_act,
                         scheme=variant.scheme, outlier_handling=variant.outlier_handling, calibration=variant.calibration,
-                        backend=variant.backend, verdict="error", higher_is_better=metric == "top1_agreement")
+                        backend=variant.backend, verdict="error")
         self.report.records.append(record)
         return record, variant
 
@@ -137,42 +149,38 @@ class Gate:
             pytest.xfail(j.message)
 
     def kl_divergence(self, case: Case) -> None:
-        self._distribution(case, "kl_divergence", "max_kl")
+        self.metric(case, "kl_divergence")
 
     def top1_agreement(self, case: Case) -> None:
-        self._distribution(case, "top1_agreement", "min_top1")
+        self.metric(case, "top1_agreement")
 
-    def _distribution(self, case: Case, metric: str, table_key: str) -> None:
-        record, variant = self._record(case, metric)
+    def metric(self, case: Case, name: str) -> None:
+        """A registered metric (metrics.py) of the variant's paired comparison with FP16, against its bound:
+        the manifest variant's, else the table row's, else the metric's default."""
+        from .metrics import get_metric
+        from .thresholds import Bound
+
+        spec = get_metric(name)
+        record, variant = self._record(case, name)
+        record.higher_is_better = spec.higher_is_better
         row = find_row(self.table, variant.format, variant.bits)
-        bound = distribution_bound(row, table_key, getattr(variant, table_key))
+        bound = distribution_bound(row, spec.bound_key, getattr(variant, spec.bound_key, None))
+        if bound.value is None and spec.default_bound is not None:
+            bound = Bound(spec.default_bound, f"metric {name!r} default", row)
         record.bound, record.bound_source = bound.value, bound.source
         record.table_row = row.describe() if row else None
         baseline, comparison, m = self._measure(case, record)
         st = comparison.stats
-        if metric == "kl_divergence":
-            value, interval = st.kl_mean, st.kl_interval
-            details = [f"kind      : {st.kl_kind} of the full KL divergence, over {st.tokens:,} tokens",
-                       f"tail      : p99 {st.kl_p99:.4g}, p99.9 {st.kl_p999:.4g}, max {st.kl_max:.4g}",
-                       f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
-        else:
-            from .gate import TIE_WIDTH
-
-            value, interval = st.top1, st.top1_interval
-            details = [f"agreement : the variant's most likely next token is FP16's, or one FP16 rated within {TIE_WIDTH:g} nats "
-                       f"of its own (a near-tie), on {st.top1 * 100:.2f}% of {st.tokens:,} tokens (Wilson interval)",
-                       f"near-ties : {st.tie_flips:,} of the {round((1 - st.top1_plain) * st.tokens):,} flips were near-ties "
-                       f"(plain agreement {st.top1_plain:.6g}); FP16's first two choices lie within {TIE_WIDTH:g} nats on "
-                       f"{st.near_ties * 100:.2f}% of tokens",
-                       f"ppl ratio : {st.ppl_ratio:.4f}, 95% interval {st.ppl_ratio_interval}"]
+        value, interval = spec.compute(st)
+        details = spec.details(st)
         marginal = row is not None and row.acceptable == "Marginal"
         limit = bound.value
-        if metric == "top1_agreement" and limit is not None and baseline.noise_top1:
+        if name == "top1_agreement" and limit is not None and baseline.noise_top1:
             limit -= baseline.noise_top1  # the reference's own top-1 flips on re-scoring (GPU)
             details.append(f"noise     : minimum lowered by {baseline.noise_top1:.4g}, the reference's own top-1 "
                            "disagreement on re-scoring")
-        j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=case.corpus, metric=metric.replace("_", " "),
-                         value=value, interval=interval, bound=limit, higher_is_better=metric == "top1_agreement",
+        j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=case.corpus, metric=spec.label,
+                         value=value, interval=interval, bound=limit, higher_is_better=spec.higher_is_better,
                          rule=self.evaluator.manifest.exceedance,
                          row_text=f"{row.describe() if row else 'none'} ({bound.source})", details=details,
                          marginal=marginal, problematic=row is not None and row.acceptable == "Problematic")

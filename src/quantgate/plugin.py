@@ -80,13 +80,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wants_protocol = "quality_protocol_case" in metafunc.fixturenames
     wants_task = "quality_task_case" in metafunc.fixturenames
     wants_task_protocol = "quality_task_protocol_case" in metafunc.fixturenames
-    if not (wants_case or wants_protocol or wants_task or wants_task_protocol):
+    wants_metric = "quality_metric_case" in metafunc.fixturenames
+    if not (wants_case or wants_protocol or wants_task or wants_task_protocol or wants_metric):
         return
     try:
         manifest = _state(metafunc.config).manifest()
     except ManifestError as exc:
         raise pytest.UsageError(str(exc)) from None
-    from .checks import Case, TaskCase
+    from .checks import Case, MetricCase, TaskCase
 
     if wants_task:
         tasks = [TaskCase(m.name, v.name, t) for m in manifest.models.values() for v in m.variants for t in m.tasks]
@@ -97,6 +98,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if wants_case:
         cases = [Case(m.name, v.name, c) for m in manifest.models.values() for v in m.variants for c in m.corpora]
         metafunc.parametrize("quality_case", cases, ids=[c.id for c in cases])
+    if wants_metric:  # metrics registered beyond the built-ins (metrics.register_metric, e.g. in a conftest.py)
+        from .metrics import registered
+
+        extra = [MetricCase(Case(m.name, v.name, c), spec.name) for spec in registered(builtin=False)
+                 for m in manifest.models.values() for v in m.variants for c in m.corpora]
+        metafunc.parametrize("quality_metric_case", extra, ids=[c.id for c in extra])
     if wants_protocol:
         pairs = [(m.name, c) for m in manifest.models.values() for c in m.corpora]
         metafunc.parametrize("quality_protocol_case", pairs, ids=[f"{m}/{c}" for m, c in pairs])
@@ -105,13 +112,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def _group(item: pytest.Item) -> tuple[str, str] | None:
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec else {}
-    case = params.get("quality_case") or params.get("quality_task_case")
+    case = params.get("quality_case") or params.get("quality_task_case") or params.get("quality_metric_case")
     if case is None or _is_notset(case):
         return None
+    case = getattr(case, "case", case)
     return (case.model, case.variant) if case is not None else None
 
 
-_CASE_PARAMS = ("quality_case", "quality_task_case", "quality_protocol_case", "quality_task_protocol_case")
+_CASE_PARAMS = ("quality_case", "quality_task_case", "quality_protocol_case", "quality_task_protocol_case",
+                "quality_metric_case")
 
 
 def _empty_case(item: pytest.Item) -> bool:

@@ -86,6 +86,7 @@ class RunReport:
             ]) + " |")
         lines += self._backends_side_by_side()
         lines += self._distributions()
+        lines += self._other_metrics()
         lines += self._tasks()
         methods = {(r.model, r.variant): r for r in self.records if r.scheme or r.calibration or r.outlier_handling}
         if methods:
@@ -155,6 +156,21 @@ class RunReport:
             lines.append(f"- {corpus} ({backend}, protocol {fingerprint}): {d['tokens']:,} tokens in {d['blocks']} "
                          f"windows; detectable change {detectable_ratio_change(se) * 100:.2f}% "
                          f"(paired SE of log ratio {se:.2e}, median of {len(members)} variants)")
+        return lines
+
+    def _other_metrics(self) -> list[str]:
+        """Records of metrics registered beyond the built-in ones (metrics.register_metric)."""
+        shown = {"relative_perplexity", "kl_divergence", "top1_agreement", "task_score_drop"}
+        rows = [r for r in self.records if r.metric not in shown]
+        if not rows:
+            return []
+        lines = ["", "Registered metrics:", "", "| variant | corpus | metric | value [95% CI] | bound | verdict |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            interval = "" if not r.interval else f" [{r.interval[0]:.4g}, {r.interval[1]:.4g}]"
+            value = "-" if r.value is None else f"{r.value:.6g}{interval}"
+            bound = "none" if r.bound is None else f"{'>=' if r.higher_is_better else '<='} {r.bound:.4g}"
+            lines.append(f"| {r.model}/{r.variant} | {r.corpus} | {r.metric} | {value} | {bound} | {r.verdict} |")
         return lines
 
     def _tasks(self) -> list[str]:

@@ -109,4 +109,4 @@ def distribution_bound(row: TableRow | None, metric: str, variant_override: floa
     """The KL divergence ("max_kl") or top-1 agreement ("min_top1") bound: variant override, then table row."""
     if variant_override is not None:
         return Bound(float(variant_override), f"manifest variant {metric}", row)
-    return Bound(None if row is None else getattr(row, metric), "acceptability table", row)
+    return Bound(None if row is None else getattr(row, metric, None), "acceptability table", row)
