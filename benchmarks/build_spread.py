@@ -5,7 +5,7 @@ numerics, then gated: weights digest, relative perplexity, KL, top-1 and task dr
     python benchmarks/build_spread.py                                   # every gptqmodel recipe, every setting
     python benchmarks/build_spread.py --variant gptq-w4g64 --profile fast --setting pinned --setting native
 
-README "Builds across machines" and the tolerances in quantgate.toml come from its output.
+docs/demo.md "Builds across machines" and the tolerances in quantgate.toml come from its output.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Every manifest snippet in the README and docs/ is read by the real manifest loader, so the docs
 cannot drift from the code. A snippet without a model of its own (a fragment such as the task
-tables) is read merged into the complete manifest shown before it in the same file."""
+tables) is read merged into the complete manifest shown before it in the same file, or else into
+the README's (its "Your own model" manifest)."""
 
 import copy
 import re
@@ -48,8 +49,20 @@ def test_a_manifest_snippet_loads(tmp_path, doc, index, text):
     raw = tomllib.loads(text)
     if not complete(raw):
         earlier = [tomllib.loads(m.group(1)) for m in list(BLOCK.finditer(doc.read_text(encoding="utf-8")))[:index]]
-        bases = [r for r in earlier if complete(r)]
+        readme = [tomllib.loads(m.group(1)) for m in BLOCK.finditer((REPO / "README.md").read_text(encoding="utf-8"))]
+        bases = [r for r in readme + earlier if complete(r)]
         assert bases, f"{doc.name} snippet {index} is a fragment with no complete manifest before it"
         raw = merged(bases[-1], raw)
     manifest = parse_manifest(raw, tmp_path / "quantgate.toml")
     assert manifest.models
+
+
+def test_the_readme_stays_short():
+    """Purpose, the two commands, a short demo summary, own model, CI, bisect, links; the rest is in docs/."""
+    assert len((REPO / "README.md").read_text(encoding="utf-8")) < 20_000
+
+
+def test_the_readme_links_resolve():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (REPO / target).exists(), target

@@ -3,7 +3,7 @@
   quantgate baseline [--model M] [--corpus C] [--profile P | --all-profiles] [--force]
   quantgate zoo build [--model M] [--variant V] [--force]
   quantgate protocol [--model M] [--corpus C] [--profile P]
-  quantgate report QUALITY.json [--readme README.md]
+  quantgate report QUALITY.json [--readme docs/demo.md]
   quantgate compare OLD.json NEW.json [--json OUT.json] [--markdown OUT.md]
 """
 
@@ -205,7 +205,7 @@ def cmd_zoo_build(args) -> int:
     if differ:
         print(f"quantgate: {len(differ)} build(s) differ from the recorded ones ({', '.join(differ)}): their numbers "
               "will differ from those documented with the recorded builds; the demo's tolerances cover the spread "
-              "measured between builds (README \"Builds across machines\")", file=sys.stderr)
+              "measured between builds (docs/demo.md \"Builds across machines\")", file=sys.stderr)
     return 0
 
 
@@ -230,14 +230,16 @@ def cmd_report(args) -> int:
     from .report import RunReport, replace_marked_section
 
     report = RunReport.from_json(Path(args.json).read_text())
-    if args.marker == "acceptability":
+    if args.marker == "demo-excerpt":
+        table = report.excerpt_markdown()
+    elif args.marker == "acceptability":
         from .thresholds import load_capabilities, load_table
 
         table = report.acceptability_markdown(load_table()) + report.capabilities_markdown(load_capabilities())
     else:
         table = report.markdown()
     if args.command_line:
-        table += f"\nMeasured with `{args.command_line}`; regenerate with `quantgate report {args.json} --readme README.md`.\n"
+        table += f"\nMeasured with `{args.command_line}`; regenerate with `quantgate report {args.json} --readme docs/demo.md`.\n"
     if args.readme:
         readme = Path(args.readme)
         readme.write_text(replace_marked_section(readme.read_text(), args.marker, table))
@@ -310,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("json", help="a file written by pytest --quality-json")
     rp.add_argument("--readme", default=None, help="write it into this file between <!-- MARKER:start/end -->")
     rp.add_argument("--marker", default="demo-summary",
-                    help="demo-summary (the run's summary) or acceptability (the table's rows beside measured ratios)")
+                    help="demo-summary (the run's summary), acceptability (the table's rows beside measured ratios) "
+                         "or demo-excerpt (verdict counts per model and metric)")
     rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
     rp.set_defaults(func=cmd_report)
     cp = sub.add_parser("compare", help="what changed between two --quality-json runs (exit 1 when a passing check "

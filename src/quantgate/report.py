@@ -250,6 +250,19 @@ class RunReport:
                          + f" | {max(ratios) - min(ratios):.4f} |")
         return lines
 
+    def excerpt_markdown(self) -> str:
+        """Verdict counts per model and metric: the README's short demo summary."""
+        kinds = ("pass", "pass (marginal)", "xfail (problematic)", "FAIL", "REVERSAL")
+        lines = ["| model | metric | checks | " + " | ".join(kinds) + " | other |", "|---|---|---|" + "---|" * (len(kinds) + 1)]
+        groups: dict[tuple[str, str], list[str]] = {}
+        for r in self.records:
+            groups.setdefault((r.model, r.metric), []).append(r.verdict)
+        for (model, metric), verdicts in groups.items():
+            counts = [sum(v == k for v in verdicts) for k in kinds]
+            lines.append(f"| {model} | {metric} | {len(verdicts)} | " + " | ".join(map(str, counts))
+                         + f" | {len(verdicts) - sum(counts)} |")
+        return "\n".join(lines) + "\n"
+
     def acceptability_markdown(self, rows) -> str:
         """The acceptability table with the measured ratios of this run beside each row's expected range."""
         lines = ["| row | expected (source table) | acceptable | bound | measured relative PPL | max KL / min top-1 | "

@@ -6,7 +6,7 @@ fields, the reference checkpoint's bytes, the calibration text and the builder's
 Change any of them and the variant is rebuilt (by `quantgate zoo build`, or on first use).
 
 Each build record carries a digest of the weights it wrote (`weights_digest`). The digests that a
-model's committed numbers (baselines, README) were made with are kept in
+model's committed numbers (baselines, docs/demo.md) were made with are kept in
 <baselines>/<model>/builds.json (`quantgate zoo build --record`); `quantgate zoo build` and the run's
 summary say when this machine's build differs from them, since its numbers then differ too.
 """
@@ -285,7 +285,7 @@ def compare_with_recorded(manifest: Manifest, ref: ReferenceModel, variant: Vari
     if recorded["weights_digest"] != digest:
         return "differs", (f"weights {digest[:12]} differ from the recorded build's {recorded['weights_digest'][:12]} "
                            f"({where}): the same recipe built differently on this machine, so its numbers differ "
-                           "from those made with the recorded build (README \"Builds across machines\")")
+                           "from those made with the recorded build (docs/demo.md \"Builds across machines\")")
     return "same", f"weights {digest[:12]}, the recorded build's"
 
 

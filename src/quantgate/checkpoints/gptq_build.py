@@ -8,7 +8,7 @@ yet rounded, so a difference in the last bit of one activation can flip one roun
 every later column of that row: the build is chaotic in its floating-point input. Measured on the
 demo model, builds of one recipe under different BLAS code paths, torch kernel ISAs or thread
 counts all gave different weights, and relative perplexities that differ by up to 0.4 points
-(README "Builds across machines"). Two things are therefore pinned for every build:
+(docs/demo.md "Builds across machines"). Two things are therefore pinned for every build:
 
 - GPTQ's calibration forward passes and quantization run in float32 (the checkpoint is saved in
   the source's dtype, float16 as usual): CPU float16 matmuls go through oneDNN kernels chosen by
