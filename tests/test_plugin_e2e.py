@@ -305,3 +305,44 @@ def test_a_metric_registered_from_a_conftest_is_gated_and_reported(pytester, tin
     assert "| tiny/close | code | kl_p99 |" in out and "| <= 1e-12 | FAIL |" in out
     records = json.loads((tmp_path / "q.json").read_text())["records"]
     assert {(r["metric"], r["verdict"], r["bound_source"]) for r in records} == {("kl_p99", "FAIL", "metric 'kl_p99' default")}
+
+
+CAST_BLOCK = """
+[[models.tiny.variants]]
+name = "cast"
+format = "bf16"
+bits = 16
+recipe = { builder = "transformers", dtype = "bfloat16" }
+max_ratio = 1.05
+max_kl = 0.05
+min_top1 = 0.9
+"""
+CAST = tinyzoo.GOOD_VARIANTS + CAST_BLOCK
+
+
+def test_recipe_variants_are_built_in_a_step_of_their_own(pytester, tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template, variants=CAST)
+    result = run(pytester, "-k", "cast", "-s")
+    assert result.ret == 0
+    out = result.stdout.str()
+    assert "quantgate: build tiny/cast: built in" in out or "quantgate: build tiny/cast: cached" in out
+    assert out.index("quantgate: build tiny/cast") < out.index("test_relative_perplexity")
+
+
+@pytest.mark.parametrize("bisect", [False, True], ids=["plain", "bisect"])
+def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, bisect):
+    make_project(pytester, tiny_zoo_template)  # built and baselined without the recipe variant, then added
+    (pytester.path / "quantgate.toml").write_text((pytester.path / "quantgate.toml").read_text() + CAST_BLOCK)
+    (pytester.path / "quality_tests" / "conftest.py").write_text(  # a builder that fails, inside the run
+        "import quantgate.zoo\n"
+        "def broken_builder(*args, **kwargs):\n"
+        "    raise RuntimeError('the quantizer ran out of memory')\n"
+        "quantgate.zoo._run_builder = broken_builder\n")
+    result = run(pytester, "--quality-profile", "fast", *(["--quality-bisect"] if bisect else []))
+    out = result.stdout.str()
+    assert ("quantgate: build tiny/cast: FAILED: tiny/cast: its recipe build failed (RuntimeError: the quantizer ran "
+            "out of memory); this says nothing about its quality") in out
+    assert result.ret == (BISECT_SKIP if bisect else 1)
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] >= 6  # the other variant's checks and the snapshots ran
+    assert "BuildFailed: tiny/cast" in out

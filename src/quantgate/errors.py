@@ -35,6 +35,10 @@ class BackendUnavailable(DeviceUnavailable):
     """The check needs an optional native library that is not installed here (e.g. llama-cpp-python)."""
 
 
+class BuildFailed(CannotTest):
+    """A recipe variant could not be built here: says nothing about its quality (125 under --quality-bisect)."""
+
+
 class ProtocolMismatch(CannotTest):
     """A measurement and a baseline were (or would be) made under different protocols."""
 

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -82,6 +82,7 @@ class Evaluator:
     _task_comparisons: dict[tuple, Any] = field(default_factory=dict)
     # "model/variant" -> why a recipe build's numbers differ from those made with the recorded build
     build_notes: dict[str, str] = field(default_factory=dict)
+    build_failures: dict[tuple[str, str], Exception] = field(default_factory=dict)
 
     # -- what is measured -------------------------------------------------------------
     def model(self, name: str) -> ReferenceModel:
@@ -226,7 +227,28 @@ class Evaluator:
         return baseline
 
     # -- models -------------------------------------------------------------------------
+    def build(self, pairs) -> Iterator[tuple[str, str, str]]:
+        """The build step, before anything is measured: every recipe variant among (model, variant) pairs is
+        built (or found cached). Yields (model, variant, what happened); a failed build is kept and raised by
+        the checks of that variant (BuildFailed: cannot test here), never counted as a quality failure."""
+        from .zoo import build_variant
+
+        for model, variant in dict.fromkeys(pairs):
+            v = self.variant(model, variant)
+            if v.recipe is None or v.path is not None:
+                continue
+            started = time.perf_counter()
+            try:
+                _, record = build_variant(self.manifest, self.model(model), v)
+            except QuantgateError as exc:  # BuildFailed, a missing builder library, a recipe the builder refuses
+                self.build_failures[(model, variant)] = exc
+                yield model, variant, f"FAILED: {str(exc).splitlines()[0]}"
+                continue
+            yield model, variant, "cached" if record is None else f"built in {time.perf_counter() - started:.1f}s"
+
     def checkpoint(self, model: str, variant: str | None, backend: str | None = None) -> LoadedCheckpoint:
+        if (model, variant) in self.build_failures:
+            raise self.build_failures[(model, variant)]
         backend = backend or self.backend_of(model, variant)
         key = (model, variant, backend)
         if self._resident and self._resident[0] == key:

@@ -154,17 +154,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def quality_evaluator(request: pytest.FixtureRequest):
     state = _state(request.config)
-    if state.evaluator is None:
-        from .evaluation import Evaluator, resolve_device
-        from .report import RunReport
-
-        manifest = state.manifest()
-        device = resolve_device(state.device_option)
-        state.evaluator = Evaluator(manifest=manifest, profile=state.profile, device=device, exact_kl=state.exact_kl)
-        state.report = RunReport(profile=state.profile, device=device, environment=state.evaluator.environment(),
-                                 builds=state.evaluator.build_notes)
-    yield state.evaluator
+    yield state.start()
     state.evaluator.release()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    """Recipe variants are built in a step of their own, before the first check runs."""
+    if not session.config.option.collectonly:
+        pairs = [g for g in map(_group, session.items) if g is not None]
+        if pairs:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            write = reporter.write_line if reporter is not None else print
+            try:
+                _state(session.config).build(pairs, write)
+            except ManifestError as exc:
+                raise pytest.UsageError(str(exc)) from None
+    return (yield)
 
 
 @pytest.fixture(scope="session")

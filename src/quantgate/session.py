@@ -70,6 +70,28 @@ class QualitySession:
     def profile(self) -> str:
         return self.profile_option or self.manifest().default_profile
 
+    def start(self):
+        """The evaluator and the run's report, created once (the quality_evaluator fixture hands them out)."""
+        if self.evaluator is None:
+            from .evaluation import Evaluator, resolve_device
+            from .report import RunReport
+
+            device = resolve_device(self.device_option)
+            self.evaluator = Evaluator(manifest=self.manifest(), profile=self.profile, device=device,
+                                       exact_kl=self.exact_kl)
+            self.report = RunReport(profile=self.profile, device=device, environment=self.evaluator.environment(),
+                                    builds=self.evaluator.build_notes)
+        return self.evaluator
+
+    def build(self, pairs, write) -> None:
+        """The build step: every recipe variant the collected checks need, before anything is measured."""
+        pairs = list(dict.fromkeys(pairs))
+        if not pairs:
+            return
+        evaluator = self.start()
+        for model, variant, what in evaluator.build(pairs):
+            write(f"quantgate: build {model}/{variant}: {what}")
+
     def in_use(self) -> bool:
         """A manifest was named or is found: this run is quantgate's business."""
         from .manifest import find_manifest

@@ -163,7 +163,16 @@ def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, 
     with FileLock(str(out) + ".lock"):  # two runs (a gate and `zoo build`) must not build the same entry
         if (out / RECIPE_FILE).is_file() and not force:
             return out, None
-        return out, _build(manifest, ref, variant, out, identity)
+        try:
+            return out, _build(manifest, ref, variant, out, identity)
+        except (QuantgateError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the builder's own failure: not a verdict on the variant
+            from .errors import BuildFailed
+
+            raise BuildFailed(f"{ref.name}/{variant.name}: its recipe build failed ({type(exc).__name__}: {exc}); this "
+                              f"says nothing about its quality. See the builder's output with `quantgate zoo build "
+                              f"--model {ref.name} --variant {variant.name} --force`") from exc
 
 
 def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path, identity: dict) -> dict:
