@@ -240,9 +240,12 @@ class Evaluator:
             started = time.perf_counter()
             try:
                 _, record = build_variant(self.manifest, self.model(model), v)
-            except QuantgateError as exc:  # BuildFailed, a missing builder library, a recipe the builder refuses
-                self.build_failures[(model, variant)] = exc
-                yield model, variant, f"FAILED: {str(exc).splitlines()[0]}"
+            except (QuantgateError, OSError) as exc:  # BuildFailed, a missing builder library or reference
+                from .errors import BuildFailed
+
+                failure = exc if isinstance(exc, QuantgateError) else BuildFailed(f"{model}/{variant}: cannot build it: {exc}")
+                self.build_failures[(model, variant)] = failure
+                yield model, variant, f"FAILED: {str(failure).splitlines()[0]}"
                 continue
             yield model, variant, "cached" if record is None else f"built in {time.perf_counter() - started:.1f}s"
 
