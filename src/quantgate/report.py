@@ -136,7 +136,8 @@ class RunReport:
         floor = [r for r in rows if r.format == "bf16"]
         if floor:
             lines += ["", "Noise floor (a BF16 copy of the FP16 reference, no quantization): " + "; ".join(
-                f"{r.corpus}: KL {r.distribution['kl_mean']:.2e}, top-1 {r.distribution['top1']:.4f}, "
+                f"{r.model}/{r.corpus}: KL {r.distribution['kl_mean']:.2e}, top-1 {r.distribution['top1']:.4f} "
+                f"(plain {r.distribution.get('top1_plain', math.nan):.4f}), "
                 f"relative PPL {r.distribution['ppl_ratio']:.4f}" for r in floor)
                 + ". Differences of this size say nothing about quantization."]
         lines += ["", "Power: the smallest relative perplexity change this run can detect (two-sided 5%, 80% power), "
