@@ -330,7 +330,12 @@ def test_recipe_variants_are_built_in_a_step_of_their_own(pytester, tiny_zoo_tem
 
 
 @pytest.mark.parametrize("bisect", [False, True], ids=["plain", "bisect"])
-def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, bisect):
+def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, monkeypatch, bisect):
+    from quantgate import zoo
+
+    # The project's conftest breaks the builder inside the in-process run; the module outlives it, so the
+    # real builder is put back afterwards (later tests build for real).
+    monkeypatch.setattr(zoo, "_run_builder", zoo._run_builder)
     make_project(pytester, tiny_zoo_template)  # built and baselined without the recipe variant, then added
     (pytester.path / "quantgate.toml").write_text((pytester.path / "quantgate.toml").read_text() + CAST_BLOCK)
     (pytester.path / "quality_tests" / "conftest.py").write_text(  # a builder that fails, inside the run
