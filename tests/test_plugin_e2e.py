@@ -330,19 +330,17 @@ def test_recipe_variants_are_built_in_a_step_of_their_own(pytester, tiny_zoo_tem
 
 
 @pytest.mark.parametrize("bisect", [False, True], ids=["plain", "bisect"])
-def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, monkeypatch, bisect):
-    from quantgate import zoo
-
-    # The project's conftest breaks the builder inside the in-process run; the module outlives it, so the
-    # real builder is put back afterwards (later tests build for real).
-    monkeypatch.setattr(zoo, "_run_builder", zoo._run_builder)
+def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, bisect):
     make_project(pytester, tiny_zoo_template)  # built and baselined without the recipe variant, then added
     (pytester.path / "quantgate.toml").write_text((pytester.path / "quantgate.toml").read_text() + CAST_BLOCK)
     (pytester.path / "quality_tests" / "conftest.py").write_text(  # a builder that fails, inside the run
         "import quantgate.zoo\n"
+        "real = quantgate.zoo._run_builder\n"
         "def broken_builder(*args, **kwargs):\n"
         "    raise RuntimeError('the quantizer ran out of memory')\n"
-        "quantgate.zoo._run_builder = broken_builder\n")
+        "quantgate.zoo._run_builder = broken_builder\n"
+        "def pytest_unconfigure(config):  # the module outlives this in-process run: later tests build for real\n"
+        "    quantgate.zoo._run_builder = real\n")
     result = run(pytester, "--quality-profile", "fast", *(["--quality-bisect"] if bisect else []))
     out = result.stdout.str()
     assert ("quantgate: build tiny/cast: FAILED: tiny/cast: its recipe build failed (RuntimeError: the quantizer ran "
