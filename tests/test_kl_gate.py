@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tinyzoo import perturb_layer
 
 from quantgate.checks import Case, Gate
 from quantgate.evaluation import Evaluator
@@ -19,19 +20,7 @@ REFERENCE = REPO / "fixtures" / "demo_zoo" / "reference"
 @pytest.fixture(scope="module")
 def perturbed(tmp_path_factory):
     """The demo reference with Gaussian noise (3x the weights' std) added to layer 1's attention output."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("perturbed")
-    model = AutoModelForCausalLM.from_pretrained(str(REFERENCE), dtype=torch.float16)
-    with torch.no_grad():
-        w = model.model.layers[1].self_attn.o_proj.weight
-        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.float().std() * 3.0
-        w.add_(noise.half())
-    model.save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(REFERENCE / name, out / name)
-    return out
+    return perturb_layer(REFERENCE, tmp_path_factory.mktemp("perturbed"), 3.0)
 
 
 def demo_project(tmp_path, variant_block):

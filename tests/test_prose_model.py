@@ -6,10 +6,10 @@ near-ties. Here every legitimate variant passes under the table's default bounds
 whose top-1 disagreement is more than near-ties explain still fails, on this model and on the demo.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
+from tinyzoo import perturb_layer
 
 from quantgate.checks import Case, Gate
 from quantgate.evaluation import Evaluator
@@ -56,22 +56,6 @@ def test_the_bf16_copy_disagrees_more_than_the_table_allows_and_every_flip_is_a_
     assert stats.top1 == record.value == 1.0
 
 
-def perturb(reference: Path, out: Path, scale: float) -> Path:
-    """The reference with Gaussian noise (scale x the weights' std) added to layer 1's attention output."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float16)
-    with torch.no_grad():
-        w = model.model.layers[1].self_attn.o_proj.weight
-        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.float().std() * scale
-        w.add_(noise.half())
-    model.save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(reference / name, out / name)
-    return out
-
-
 def project_with(tmp_path: Path, model: str, block: str) -> Path:
     """The repository's manifest, paths made absolute, with one extra variant of `model`."""
     text = (REPO / "quantgate.toml").read_text()
@@ -91,7 +75,7 @@ def test_a_perturbed_layer_still_fails_top1_under_the_16_bit_rows(tmp_path, mode
     model's six layers damp the noise: at 0.5x its KL, 1e-5, is the size of its BF16 copy's and every
     flip is a near-tie, so it takes 2x to make a variant the 16-bit rows must refuse.) The demo's
     3x perturbation against the 4-bit row: tests/test_kl_gate.py."""
-    path = perturb(REFERENCES[model], tmp_path / "perturbed", scale)
+    path = perturb_layer(REFERENCES[model], tmp_path / "perturbed", scale)
     manifest = project_with(tmp_path, model, f'[[models.MODEL.variants]]\nname = "perturbed"\nformat = "fp16"\n'
                                              f'bits = 16\npath = "{path}"\n')
     gate, report = gate_for(manifest)

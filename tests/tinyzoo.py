@@ -144,3 +144,19 @@ def build(root: Path, *, variants: str = GOOD_VARIANTS) -> dict:
     write_corpora(root)
     manifest = write_manifest(root, variants=variants)
     return {"root": root, "manifest": manifest, "vocab_size": len(tokenizer)}
+
+
+def perturb_layer(reference: Path, out: Path, scale: float) -> Path:
+    """A copy of `reference` with Gaussian noise (scale x the weights' std) added to layer 1's attention output."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float16)
+    with torch.no_grad():
+        w = model.model.layers[1].self_attn.o_proj.weight
+        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.float().std() * scale
+        w.add_(noise.half())
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(reference / name, out / name)
+    return out
