@@ -80,13 +80,8 @@ def _hf_tensors(hf_dir: Path):
                 yield name, fh.get_tensor(name).to(torch.float32).numpy()
 
 
-def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
-    """Convert a Hugging Face LlamaForCausalLM directory to a GGUF file with F16 weights (1-D tensors F32)."""
-    import gguf
-    import numpy as np
-
-    started = time.perf_counter()
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
+def _llama_shapes(hf_dir: Path) -> tuple[dict, dict]:
+    """Read config.json, refuse what the converter does not support, and derive the shapes it writes."""
     config = json.loads((hf_dir / "config.json").read_text())
     if config.get("model_type") != "llama":
         raise ValueError(f"{hf_dir}: only model_type 'llama' is supported, got {config.get('model_type')!r}")
@@ -99,11 +94,17 @@ def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
         raise ValueError(f"{hf_dir}: rope scaling {rope.get('rope_type')!r} is not supported")
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     n_layer = config["num_hidden_layers"]
-    vocab = _tokenizer_metadata(hf_dir, config["vocab_size"])
-    bos, eos = _special_ids(hf_dir, config, vocab["tokens"])
+    shapes = {"n_head": n_head, "n_kv": n_kv, "hidden": hidden, "head_dim": head_dim, "rope_theta": rope_theta,
+              "n_layer": n_layer}
+    return config, shapes
 
-    # Map and convert every tensor before opening the output, so a bad checkpoint writes nothing.
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+
+def _gguf_named_tensors(hf_dir: Path, config: dict, shapes: dict) -> dict:
+    """Every checkpoint tensor under its GGUF name, Q/K permuted, matrices F16 and 1-D tensors F32."""
+    import gguf
+    import numpy as np
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shapes["n_layer"])
     tensors: dict[str, np.ndarray] = {}
     for name, data in _hf_tensors(hf_dir):
         if name.endswith("rotary_emb.inv_freq"):
@@ -112,32 +113,39 @@ def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
         if new_name is None:
             raise ValueError(f"{hf_dir}: no GGUF name for tensor {name}")
         if name.endswith("q_proj.weight"):
-            data = _permute_qk(data, n_head)
+            data = _permute_qk(data, shapes["n_head"])
         elif name.endswith("k_proj.weight"):
-            data = _permute_qk(data, n_kv)
+            data = _permute_qk(data, shapes["n_kv"])
         # llama.cpp keeps norms (1-D) in F32; matrices go to F16.
         tensors[new_name] = data.astype(np.float16 if data.ndim > 1 else np.float32)
     if "output.weight" not in tensors and not config.get("tie_word_embeddings", False):
         raise ValueError(f"{hf_dir}: untied model without lm_head.weight")
+    return tensors
 
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+
+def _add_llama_metadata(writer, hf_dir: Path, config: dict, shapes: dict) -> None:
+    """Write the model's name, file type and Llama hyperparameters into the GGUF header."""
+    import gguf
+
     writer.add_name(hf_dir.name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(n_layer)
+    writer.add_embedding_length(shapes["hidden"])
+    writer.add_block_count(shapes["n_layer"])
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_head_count(shapes["n_head"])
+    writer.add_head_count_kv(shapes["n_kv"])
+    writer.add_key_length(shapes["head_dim"])
+    writer.add_value_length(shapes["head_dim"])
+    writer.add_rope_dimension_count(shapes["head_dim"])
+    writer.add_rope_freq_base(float(shapes["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(config["vocab_size"])
 
+
+def _add_tokenizer(writer, vocab: dict, bos: int | None, eos: int | None) -> None:
+    """Write the byte-level BPE vocabulary, merges and special ids into the GGUF header."""
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, as in the ByteLevel pre-tokenizer
     writer.add_token_list(vocab["tokens"])
@@ -148,9 +156,10 @@ def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
     if eos is not None:
         writer.add_eos_token_id(eos)
     writer.add_add_bos_token(False)  # scoring feeds exactly the ids it was given
-    for new_name, data in tensors.items():
-        writer.add_tensor(new_name, data)
 
+
+def _write_and_rename(writer, tmp: Path, out_path: Path) -> None:
+    """Write the GGUF to its temporary name, then rename it; on any failure remove the partial file."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -161,6 +170,27 @@ def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
         raise
     writer.close()
     os.replace(tmp, out_path)
+
+
+def write_f16_gguf(hf_dir: Path, out_path: Path) -> dict:
+    """Convert a Hugging Face LlamaForCausalLM directory to a GGUF file with F16 weights (1-D tensors F32)."""
+    import gguf
+
+    started = time.perf_counter()
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    config, shapes = _llama_shapes(hf_dir)
+    vocab = _tokenizer_metadata(hf_dir, config["vocab_size"])
+    bos, eos = _special_ids(hf_dir, config, vocab["tokens"])
+    # Map and convert every tensor before opening the output, so a bad checkpoint writes nothing.
+    tensors = _gguf_named_tensors(hf_dir, config, shapes)
+
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_llama_metadata(writer, hf_dir, config, shapes)
+    _add_tokenizer(writer, vocab, bos, eos)
+    for new_name, data in tensors.items():
+        writer.add_tensor(new_name, data)
+    _write_and_rename(writer, tmp, out_path)
     return {
         "path": str(out_path),
         "qtype": "F16",

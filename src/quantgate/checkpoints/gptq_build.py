@@ -175,6 +175,7 @@ def _build_here(
     backend_name: str,
     compute_dtype: str,
 ) -> dict:
+    """Quantize in this process (the one `_build` starts), save to ``out_dir`` and return the build record."""
     source_dir, out_dir = Path(source_dir), Path(out_dir)
 
     # Read once, at gptqmodel import. Its default on a 2-core box is 1 worker, and loading then fails
@@ -183,8 +184,6 @@ def _build_here(
 
     import gptqmodel
     import torch
-    import transformers
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -192,9 +191,27 @@ def _build_here(
     calibration = _tokenize(source_dir, calibration_texts)
     dtype = _source_dtype(source_dir)  # what the checkpoint stores
     compute = dtype if compute_dtype == SOURCE_DTYPE else getattr(torch, compute_dtype)  # module docstring
-    backend = BACKEND[backend_name]
+    backend = gptqmodel.BACKEND[backend_name]
+    qcfg = _quantize_config(config_kwargs)
 
-    qcfg = QuantizeConfig(
+    started = time.perf_counter()
+    # Without an explicit dtype gptqmodel casts everything to bfloat16 on CPU.
+    model = gptqmodel.GPTQModel.load(str(source_dir), qcfg, dtype=compute, backend=backend)
+    loaded = time.perf_counter()
+    with _scratch_log_dir():
+        model.quantize(calibration, backend=backend, batch_size=1)
+    quantized = time.perf_counter()
+    _save_and_rename(model, out_dir, dtype, compute)
+    finished = time.perf_counter()
+    return _build_record(source_dir, out_dir, calibration, dtype=dtype, compute=compute, backend=backend, seed=seed,
+                         times=(started, loaded, quantized, finished))
+
+
+def _quantize_config(config_kwargs: dict):
+    """gptqmodel's QuantizeConfig for the recipe, on the CPU and without offloading to disk."""
+    from gptqmodel import QuantizeConfig
+
+    return QuantizeConfig(
         **config_kwargs,
         # The device goes here, not to load(): gptqmodel refuses device= there when the config has one.
         device="cpu",
@@ -203,14 +220,9 @@ def _build_here(
         offload_to_disk=False,
     )
 
-    started = time.perf_counter()
-    # Without an explicit dtype gptqmodel casts everything to bfloat16 on CPU.
-    model = GPTQModel.load(str(source_dir), qcfg, dtype=compute, backend=backend)
-    loaded = time.perf_counter()
-    with _scratch_log_dir():
-        model.quantize(calibration, backend=backend, batch_size=1)
-    quantized = time.perf_counter()
 
+def _save_and_rename(model, out_dir: Path, dtype, compute) -> None:
+    """Save the quantized model in the source's dtype beside ``out_dir``, then rename it into place."""
     # Save next to the destination, then rename, so a crash never leaves a half-written out_dir.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -224,8 +236,16 @@ def _build_here(
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    finished = time.perf_counter()
 
+
+def _build_record(source_dir: Path, out_dir: Path, calibration: list[dict], *, dtype, compute, backend, seed: int,
+                  times: tuple[float, float, float, float]) -> dict:
+    """The build record: the saved quantization config, dtypes, kernels, calibration, timings and versions."""
+    import gptqmodel
+    import torch
+    import transformers
+
+    started, loaded, quantized, finished = times
     saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     return {
         "source_dir": str(source_dir),
