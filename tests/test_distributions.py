@@ -141,12 +141,12 @@ def test_correlated_top1_misses_widen_the_interval_beyond_the_binomial_one():
 def test_a_tie_at_the_top_counts_as_agreement():
     from types import SimpleNamespace
 
-    from quantgate.evaluation import Evaluator
+    from quantgate.measurement import same_top1
 
     scores = SimpleNamespace(argmax=np.array([3, 5]), gathered=np.array([[-0.7, -1.0], [-0.9, -1.0]], np.float32),
                              max_logprob=np.array([-0.7, -0.5], np.float32))
     baseline = SimpleNamespace(topk_ids=np.array([[4, 3], [6, 5]]))
-    assert Evaluator._same_top1(scores, baseline).tolist() == [True, False]
+    assert same_top1(scores, baseline).tolist() == [True, False]
 
 
 def test_a_flip_to_a_token_fp16_nearly_chose_is_a_near_tie_and_counts_as_agreement():

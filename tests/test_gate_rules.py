@@ -236,8 +236,8 @@ def test_a_real_small_reversal_is_still_reported_above_the_float_tolerance(table
 def test_a_near_tie_at_the_top_within_the_float_tolerance_counts_as_agreement():
     import numpy as np
 
-    from quantgate.evaluation import Evaluator
     from quantgate.gate import FLOAT_TOKEN_TOL
+    from quantgate.measurement import same_top1
 
     class Scores:  # the variant's view: its argmax, its max log-prob, FP16's top token's log-prob under it
         argmax = np.array([5, 5, 5])
@@ -247,4 +247,4 @@ def test_a_near_tie_at_the_top_within_the_float_tolerance_counts_as_agreement():
     class Baseline:
         topk_ids = np.array([[7], [7], [5]])
 
-    assert Evaluator._same_top1(Scores, Baseline).tolist() == [True, False, True]
+    assert same_top1(Scores, Baseline).tolist() == [True, False, True]

@@ -88,6 +88,39 @@ def test_malformed_manifest_names_file_and_key(tmp_path, edit, key, problem):
     assert problem in str(err.value)
 
 
+@pytest.mark.parametrize("plugins, problem", [
+    ('["no_such_module_here"]', "module 'no_such_module_here' could not be imported: ModuleNotFoundError"),
+    ('["broken_plugin"]', "module 'broken_plugin' could not be imported: ZeroDivisionError"),
+    ('["../escape"]', "'../escape' is not a module name"),
+])
+def test_a_plugin_module_that_cannot_be_imported_is_named(tmp_path, monkeypatch, plugins, problem):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "broken_plugin.py").write_text("1 / 0\n")
+    path = write(tmp_path, "[quantgate]\nplugins = " + plugins + "\n" + MINIMAL)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert err.value.key == "quantgate.plugins" and problem in str(err.value)
+
+
+def test_plugin_modules_are_imported_from_the_manifest_directory_before_tasks_are_read(tmp_path, monkeypatch):
+    """A task kind registered by a plugin module is known when the manifest's tasks are checked."""
+    import sys
+
+    from quantgate.tasks import kinds
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
+    kinds.task_kind_names()
+    (tmp_path / "team_kinds.py").write_text(
+        "from quantgate.tasks.kinds import TaskKind, ScoredItems, register_task_kind\n"
+        "register_task_kind(TaskKind(name='team_kind', scorings=('acc',), items=list, score=lambda *a: None))\n")
+    task = '[tasks.t]\nschema = "team_kind"\ncapability = "x"\npath = "json"\ndata_files = ["t.jsonl"]\nsplit = "train"\n'
+    manifest = load_manifest(write(tmp_path, '[quantgate]\nplugins = ["team_kinds"]\n' + MINIMAL + task))
+    assert manifest.plugins == ("team_kinds",) and manifest.tasks["t"].schema == "team_kind"
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(tmp_path / "nope.toml")

@@ -241,7 +241,7 @@ def test_each_variant_is_loaded_once_and_freed_after_its_group(pytester, tiny_zo
         "import pytest\n\n@pytest.mark.quality\ndef test_again(quality_case, quality_gate):\n"
         "    quality_gate.relative_perplexity(quality_case)\n")
     pytester.makeconftest("""
-        import quantgate.evaluation as ev
+        import quantgate.residency as ev
         events = []
         _load, _release = ev.load_checkpoint, ev.release
         def load(*args, **kwargs):
@@ -263,7 +263,7 @@ def test_each_variant_is_loaded_once_and_freed_after_its_group(pytester, tiny_zo
 def test_a_format_that_needs_cuda_is_skipped_with_its_reason(pytester, tiny_zoo_template):
     make_project(pytester, tiny_zoo_template)
     pytester.makeconftest("""
-        import quantgate.evaluation as ev
+        import quantgate.residency as ev
         from quantgate.errors import DeviceUnavailable
         _load = ev.load_checkpoint
         def load(*args, **kwargs):
@@ -349,3 +349,21 @@ def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] >= 6  # the other variant's checks and the snapshots ran
     assert "BuildFailed: tiny/cast" in out
+
+
+@pytest.mark.parametrize("table, problem", [
+    ("[[row]]\nlabel = 'Q4'\n", "table.toml: row 0 lacks 'format'"),
+    ("[[row]\n", "table.toml: the acceptability table cannot be read"),
+])
+def test_a_broken_acceptability_table_is_a_usage_error_before_collection(pytester, tiny_zoo_template, table, problem):
+    """The manifest and its table are read at configure time: one usage error naming the file, not an error per check."""
+    shutil.copytree(tiny_zoo_template, pytester.path, dirs_exist_ok=True)
+    tinyzoo.write_manifest(pytester.path, variants=tinyzoo.GOOD_VARIANTS, extra_quantgate='table = "table.toml"')
+    (pytester.path / "table.toml").write_text(table)
+    (pytester.path / "quality_tests").mkdir(exist_ok=True)
+    for f in (REPO / "quality_tests").glob("test_*.py"):
+        shutil.copy(f, pytester.path / "quality_tests" / f.name)
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert problem in result.stderr.str() and "collected" not in result.stdout.str()
+    assert run(pytester, "--quality-bisect").ret == BISECT_SKIP

@@ -4,6 +4,7 @@ end to end on the tiny zoo with tasks on the real MMLU, C-Eval, GSM8K and HumanE
 import json
 import math
 import shutil
+import sys
 import textwrap
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from quantgate.errors import BaselineFormatError, ManifestError
 from quantgate.manifest import load_manifest
+from quantgate.protocol import TaskProtocol
 from quantgate.stats import mcnemar_exact_p, paired_drop
 from quantgate.tasks.baseline import TaskBaseline, read_task_baseline, write_task_baseline
 
@@ -93,7 +95,11 @@ def test_manifest_tasks_are_parsed_and_checked(tmp_path):
 
 def _baseline(path):
     b = TaskBaseline(model="m", task="quiz", profile="full", capability="knowledge",
-                     protocol={"task": "quiz", "items": 2}, ids=["a", "b"], correct=[True, False], answers=[1, 2],
+                     protocol=TaskProtocol(task="quiz", schema="mmlu", source="json", items=2, items_sha256="0" * 64,
+                                           shots=0, scoring="acc", max_length=64, max_new_tokens=None,
+                                           tokenizer_sha256="1" * 64, backend="transformers", dtype="float32",
+                                           device_class="cpu", rule="per-item-correctness/greedy/v1"),
+                     ids=["a", "b"], correct=[True, False], answers=[1, 2],
                      environment={}, provenance={})
     return write_task_baseline(b, path)
 
@@ -265,3 +271,69 @@ def test_changed_shots_are_refused_not_compared(pytester, task_project, monkeypa
     # and the baseline command will not overwrite it silently either
     assert main(["baseline", "--task", "mmlu"]) == 1
     assert np.isclose(read_task_baseline(pytester.path / "baselines/tiny/tasks/mmlu.full.json").score, 1.0)
+
+
+TOY_KIND = '''
+"""A team's own task kind, outside quantgate: which of two words follows a context (one registration)."""
+from quantgate.tasks.kinds import ScoredItems, TaskKind, register_task_kind
+
+
+class Item:
+    def __init__(self, r):
+        self.id, self.prompt, self.choices, self.answer = str(r["id"]), r["context"], (r["a"], r["b"]), int(r["answer"])
+
+
+def score(task, backend, tokenizer, settings):
+    ids, correct, answers = [], [], []
+    for item in task.items:
+        context = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+        requests = [(context, tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in item.choices]
+        scores = [lp for lp, _ in backend.loglikelihood(requests, max_length=settings.max_length,
+                                                              batch_size=settings.batch_size)]
+        chosen = max(range(2), key=lambda k: scores[k])
+        ids.append(item.id), correct.append(chosen == item.answer), answers.append(chosen)
+    return ScoredItems(ids=ids, correct=correct, answers=answers)
+
+
+register_task_kind(TaskKind(name="toy_pair", scorings=("acc",), items=lambda records: [Item(r) for r in records],
+                            score=score))
+'''
+
+
+def test_a_task_kind_registered_outside_the_package_is_baselined_gated_and_reported(pytester, task_project,
+                                                                                   monkeypatch):
+    """One register_task_kind call in a module the manifest names under [quantgate] plugins: `quantgate baseline`
+    measures it, the gate judges it against the capability's max drop, and the report shows it."""
+    from quantgate.cli import main
+    from quantgate.tasks import kinds
+
+    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))  # pytester runs in this process
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    shutil.copytree(task_project, pytester.path, dirs_exist_ok=True)
+    monkeypatch.chdir(pytester.path)
+    (pytester.path / "toy_kind.py").write_text(TOY_KIND)
+    _write_jsonl(pytester.path / "data" / "pairs.jsonl",
+                 [{"id": i, "context": f"def f{i}(x):\n    return", "a": "x", "b": "None", "answer": 0} for i in range(6)])
+    manifest = pytester.path / "quantgate.toml"
+    text = manifest.read_text().replace('default_profile = "full"', 'default_profile = "full"\nplugins = ["toy_kind"]')
+    text = text.replace('tasks = ["mmlu", "ceval", "gsm8k", "humaneval"]', 'tasks = ["pairs"]')
+    text = text.replace("[models.tiny]", '[tasks.pairs]\nschema = "toy_pair"\ncapability = "toy"\npath = "json"\n'
+                        'data_files = ["data/pairs.jsonl"]\nsplit = "train"\n\n[models.tiny]', 1)
+    manifest.write_text(text)
+    table = pytester.path / "acceptability.toml"
+    table.write_text(table.read_text() + "[capability.toy]\nmax_drop = 0.05\n")
+    assert main(["baseline", "--task", "pairs"]) == 0
+    stored = read_task_baseline(pytester.path / "baselines" / "tiny" / "tasks" / "pairs.full.json")
+    assert stored.protocol.schema == "toy_pair" and len(stored.ids) == 6
+    (pytester.path / "test_gate.py").write_text(
+        "import pytest\n\n@pytest.mark.quality\ndef test_task_score(quality_task_case, quality_gate):\n"
+        "    quality_gate.task_score(quality_task_case)\n")
+    result = pytester.runpytest("-m", "quality", "-p", "no:cacheprovider", "--quality-json", "q.json", "-k", "close")
+    out = result.stdout.str()
+    result.assert_outcomes(passed=1)
+    assert "test_task_score[tiny/close/pairs]" in out or "1 passed" in out
+    (record,) = [r for r in json.loads((pytester.path / "q.json").read_text())["records"]]
+    assert (record["corpus"], record["metric"], record["capability"], record["verdict"]) == \
+        ("task:pairs", "task_score_drop", "toy", "pass")
+    assert record["bound"] == 0.05 and record["distribution"]["items"] == 6
+    assert "| tiny/close | transformers | pairs | toy |" in out

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends import DEFAULT_BACKEND
 from .errors import BaselineFormatError, BaselineMissing
 from .protocol import Protocol, fingerprint_of
 
@@ -47,7 +48,7 @@ SUMMARY_TOLERANCE = 1e-7
 # What each older schema lacks, and the value it implies: schema 1 predates the protocol's
 # backend field, and every schema-1 baseline was scored by transformers. Schemas 1 and 2 hold no
 # top-k distributions: perplexity still compares, KL divergence asks for a re-baseline.
-SCHEMA_DEFAULTS = {1: {"backend": "transformers"}}
+SCHEMA_DEFAULTS = {1: {"backend": DEFAULT_BACKEND}}
 KIND = "quantgate-baseline"
 
 
@@ -90,9 +91,10 @@ class Baseline:
                                   f"for top_k = {top_k}; re-baseline: {command} --force")
 
 
-def baseline_path(baselines_dir: Path, model: str, corpus: str, profile: str, backend: str = "transformers") -> Path:
-    suffix = "" if backend == "transformers" else "." + backend.replace(".", "")
-    return Path(baselines_dir) / model / f"{corpus}.{profile}{suffix}.json"
+def baseline_path(baselines_dir: Path, model: str, corpus: str, profile: str, backend: str = DEFAULT_BACKEND) -> Path:
+    from .backends import get_backend
+
+    return Path(baselines_dir) / model / f"{corpus}.{profile}{get_backend(backend).suffix}.json"
 
 
 def git_state(cwd: Path) -> dict[str, Any]:

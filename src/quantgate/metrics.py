@@ -84,3 +84,9 @@ KL_DIVERGENCE = register_metric(Metric(name="kl_divergence", higher_is_better=Fa
 TOP1_AGREEMENT = register_metric(Metric(name="top1_agreement", higher_is_better=True, bound_key="min_top1",
                                         compute=lambda st: (st.top1, st.top1_interval), details=_top1_details,
                                         builtin=True))
+# Relative perplexity and the task score drop are judged by rules of their own (gate.judge: reversals; checks:
+# capabilities), but their names, directions and bounds live here like every other metric's.
+RELATIVE_PERPLEXITY = register_metric(Metric(name="relative_perplexity", higher_is_better=False, bound_key="max_ratio",
+                                             compute=lambda st: (st.ppl_ratio, st.ppl_ratio_interval), builtin=True))
+TASK_SCORE_DROP = register_metric(Metric(name="task_score_drop", higher_is_better=False, bound_key="max_drop",
+                                         compute=lambda cmp: (cmp.drop, cmp.drop_interval), builtin=True))

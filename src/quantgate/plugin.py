@@ -61,11 +61,12 @@ def pytest_configure(config: pytest.Config) -> None:
         summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
         rootdir=Path(config.rootpath), exact_kl=opt.quality_exact_kl,
     )
-    if opt.quality_profile is not None:  # checked before anything is collected or measured
-        try:
-            known = _state(config).manifest().profile_names()
-        except ManifestError as exc:
-            raise pytest.UsageError(str(exc)) from None
+    try:  # the manifest and the table, before anything is collected or measured
+        _state(config).configure()
+        known = _state(config).manifest().profile_names() if opt.quality_profile is not None else ()
+    except QuantgateError as exc:  # ManifestError, a broken acceptability table
+        raise pytest.UsageError(str(exc)) from None
+    if opt.quality_profile is not None:
         if opt.quality_profile not in known:
             raise OptionError(f"--quality-profile {opt.quality_profile!r}: the manifest has no such profile "
                               f"(its profiles: {', '.join(known)})")
@@ -176,32 +177,35 @@ def pytest_runtestloop(session: pytest.Session):
 @pytest.fixture(scope="session")
 def quality_gate(request: pytest.FixtureRequest, quality_evaluator):
     from .checks import Gate
-    from .thresholds import load_capabilities, load_table
 
-    table = quality_evaluator.manifest.table
-    return Gate(quality_evaluator, load_table(table), _state(request.config).report, load_capabilities(table))
+    state = _state(request.config)
+    table, capabilities = state.table()
+    return Gate(quality_evaluator, table, state.report, capabilities)
 
 
 @pytest.fixture
 def quality_protocols(request: pytest.FixtureRequest, quality_protocol_case, quality_evaluator) -> dict:
     """Every profile's protocol for one (model, corpus): what the drift snapshot records."""
+    from .backends import get_backend
+
     model, corpus = quality_protocol_case
     manifest = _state(request.config).manifest()
     protocols = {}
     for backend in manifest.models[model].backends():
         for profile in manifest.profile_names():
-            key = profile if backend == "transformers" else f"{profile} ({backend})"
-            protocols[key] = quality_evaluator.protocol(model, corpus, profile, backend).as_dict()
+            protocols[get_backend(backend).label(profile)] = quality_evaluator.protocol(model, corpus, profile,
+                                                                                       backend).as_dict()
     return protocols
 
 
 @pytest.fixture
 def quality_task_protocols(request: pytest.FixtureRequest, quality_task_protocol_case, quality_evaluator) -> dict:
     """Every profile's protocol for one (model, task): what the task drift snapshot records."""
+    from .backends import get_backend
+
     model, task = quality_task_protocol_case
     manifest = _state(request.config).manifest()
-    return {(profile if backend == "transformers" else f"{profile} ({backend})"):
-            quality_evaluator.task_protocol(model, task, profile, backend)
+    return {get_backend(backend).label(profile): quality_evaluator.task_protocol(model, task, profile, backend).as_dict()
             for backend in manifest.models[model].backends() for profile in manifest.profile_names()}
 
 

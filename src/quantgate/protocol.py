@@ -20,8 +20,47 @@ from typing import Any
 SCORING_RULE = "token-weighted-mean-nll/sliding-window/context-masked/v1"
 
 
+class ProtocolBase:
+    """What every protocol does, whatever it fixes: a dict with a stable fingerprint, compared by value.
+
+    Two kinds share it: `Protocol` (a corpus scored by sliding windows) and `TaskProtocol` (a task's
+    items scored one by one). A field named "kernels" is left out of the dict (and so of the
+    fingerprint) when empty, so that adding pinned kernels to one backend moved no other fingerprint."""
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not data.get("kernels", True):
+            del data["kernels"]
+        return data
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.as_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, defaults: dict[str, Any] | None = None):
+        """Strict: every field must be present, except those given `defaults` (older schemas)."""
+        names = {f.name for f in fields(cls)}
+        data = {"kernels": "", **(defaults or {}), **data}
+        missing = names - data.keys()
+        if missing:
+            raise KeyError(f"protocol lacks {sorted(missing)}")
+        return cls(**{k: data[k] for k in names})
+
+    def matches(self, other: "ProtocolBase") -> bool:
+        """Same protocol, by value (not by class identity: baselines come back from JSON)."""
+        return self.as_dict() == other.as_dict()
+
+    def differences(self, other: "ProtocolBase") -> list[str]:
+        """Human-readable 'field: ours != theirs' lines."""
+        a, b = self.as_dict(), other.as_dict()
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
+
+
 @dataclass(frozen=True)
-class Protocol:
+class Protocol(ProtocolBase):
+    """A corpus scored by sliding windows (perplexity, KL, top-1)."""
+
     corpus: str  # corpus name in the manifest
     corpus_source: str  # builder or hub id, config, split, revision, files (see corpus.describe_source)
     text_sha256: str
@@ -42,34 +81,26 @@ class Protocol:
     # left out of the dict (and so of the fingerprint) when empty, as for transformers
     kernels: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if not data["kernels"]:
-            del data["kernels"]
-        return data
 
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.as_dict())
+@dataclass(frozen=True)
+class TaskProtocol(ProtocolBase):
+    """A task's items scored one by one: everything that changes its score (tasks/suite.py)."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> "Protocol":
-        """Strict: every field must be present, except those given `defaults` (older schemas)."""
-        names = {f.name for f in fields(cls)}
-        data = {"kernels": "", **(defaults or {}), **data}
-        missing = names - data.keys()
-        if missing:
-            raise KeyError(f"protocol lacks {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
-
-    def matches(self, other: "Protocol") -> bool:
-        """Same protocol, by value (not by class identity: baselines come back from JSON)."""
-        return self.as_dict() == other.as_dict()
-
-    def differences(self, other: "Protocol") -> list[str]:
-        """Human-readable 'field: ours != theirs' lines."""
-        a, b = self.as_dict(), other.as_dict()
-        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in [*a, *(k for k in b if k not in a)] if a.get(k) != b.get(k)]
+    task: str
+    schema: str
+    source: str
+    items: int
+    items_sha256: str  # of the rendered prompts, choices and answers (shots and template included)
+    shots: int
+    scoring: str
+    max_length: int
+    max_new_tokens: int | None  # None for kinds that do not generate
+    tokenizer_sha256: str
+    backend: str
+    dtype: str
+    device_class: str
+    rule: str
+    kernels: str = ""
 
 
 def fingerprint_of(protocol: dict[str, Any]) -> str:

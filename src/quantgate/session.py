@@ -52,6 +52,7 @@ class QualitySession:
     untestable: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     _manifest: Any = None
+    _table: Any = None
     evaluator: Any = None
     report: Any = None
 
@@ -65,6 +66,26 @@ class QualitySession:
                 raise ManifestError(self.rootdir / "quantgate.toml", "file", "not found (pass --quality-manifest PATH)")
             self._manifest = load_manifest(path)
         return self._manifest
+
+    def configure(self) -> None:
+        """Where quantgate is in use, the manifest and the acceptability table are read now, before collection:
+        a broken one is a usage error naming the file, not a failure of every check."""
+        if self.in_use():
+            self.manifest()
+            self.table()
+
+    def table(self):
+        """(rows, capability max drops) of the acceptability table the manifest names (or the packaged one)."""
+        if self._table is None:
+            from .errors import QuantgateError
+            from .thresholds import load_capabilities, load_table
+
+            path = self.manifest().table
+            try:
+                self._table = (load_table(path), load_capabilities(path))
+            except (OSError, ValueError) as exc:  # a missing file, TOML that does not parse
+                raise QuantgateError(f"{path}: the acceptability table cannot be read ({exc})") from None
+        return self._table
 
     @property
     def profile(self) -> str:

@@ -28,6 +28,7 @@ BUILDERS = {"gptqmodel": "gptqmodel", "llama.cpp": "llama-cpp-python", "bitsandb
             "transformers": "transformers"}  # -> package
 BUILDER_EXTRAS = {"gptqmodel": "gptq", "llama.cpp": "llamacpp", "bitsandbytes": "bnb", "transformers": "eval"}
 CAST_DTYPES = ("bfloat16", "float16", "float32")
+CAST_BUILDERS = ("transformers",)  # builders that copy the reference in another dtype
 RECIPE_FILE = "quantgate-recipe.json"
 GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion changes
 RECORDED_BUILDS = "builds.json"
@@ -81,27 +82,46 @@ def recipe_identity(manifest: Manifest, ref: ReferenceModel, variant: Variant) -
         "reference_sha256": reference_sha256,
         "builder_version": _builder_version(builder),
     }
-    if builder == "gptqmodel":
-        from .checkpoints.gptq_build import build_numerics
-
-        identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
-        identity["numerics"] = build_numerics(variant.format)
-    elif builder == "bitsandbytes":
-        if variant.format != "bnb" or variant.bits not in (4, 8):
-            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
-                                "builder bitsandbytes makes bnb variants of 8 or 4 bits")
-        identity["storage_dtype"] = "float16"  # see bnb_build.build_bnb
-    elif builder == "transformers":  # a dtype copy of the reference (the noise floor)
-        if recipe.get("dtype") not in CAST_DTYPES or variant.format not in ("bf16", "fp16", "fp32"):
-            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
-                                f"builder transformers casts the reference to dtype one of {', '.join(CAST_DTYPES)} "
-                                "(format bf16, fp16 or fp32)")
-    else:  # llama.cpp quantizes the F16 GGUF that gguf-py writes from the reference
-        if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
-            raise ManifestError(manifest.path, f"models.{ref.name}.variants[{variant.name}].recipe",
-                                f"builder llama.cpp makes gguf variants with type one of {', '.join(QUANT_TYPES)}")
-        identity["f16_gguf"] = _f16_identity(reference_sha256)
+    _IDENTITY[builder](manifest, ref, variant, recipe, identity)
     return identity
+
+
+def _where(ref: ReferenceModel, variant: Variant) -> str:
+    return f"models.{ref.name}.variants[{variant.name}].recipe"
+
+
+def _gptq_identity(manifest, ref, variant, recipe, identity) -> None:
+    from .checkpoints.gptq_build import build_numerics
+
+    identity["calibration_text_sha256"] = _calibration_corpus(manifest, recipe).text_sha256
+    identity["numerics"] = build_numerics(variant.format)
+
+
+def _bnb_identity(manifest, ref, variant, recipe, identity) -> None:
+    if variant.format != "bnb" or variant.bits not in (4, 8):
+        raise ManifestError(manifest.path, _where(ref, variant), "builder bitsandbytes makes bnb variants of 8 or 4 bits")
+    identity["storage_dtype"] = "float16"  # see bnb_build.build_bnb
+
+
+def _cast_identity(manifest, ref, variant, recipe, identity) -> None:
+    """A dtype copy of the reference (the noise floor)."""
+    if recipe.get("dtype") not in CAST_DTYPES or variant.format not in ("bf16", "fp16", "fp32"):
+        raise ManifestError(manifest.path, _where(ref, variant),
+                            f"builder transformers casts the reference to dtype one of {', '.join(CAST_DTYPES)} "
+                            "(format bf16, fp16 or fp32)")
+
+
+def _gguf_identity(manifest, ref, variant, recipe, identity) -> None:
+    """llama.cpp quantizes the F16 GGUF that gguf-py writes from the reference."""
+    if variant.format != "gguf" or recipe.get("type") not in QUANT_TYPES:
+        raise ManifestError(manifest.path, _where(ref, variant),
+                            f"builder llama.cpp makes gguf variants with type one of {', '.join(QUANT_TYPES)}")
+    identity["f16_gguf"] = _f16_identity(identity["reference_sha256"])
+
+
+# recipe builder -> what its identity adds (and checks) beyond the recipe itself
+_IDENTITY = {"gptqmodel": _gptq_identity, "bitsandbytes": _bnb_identity, "transformers": _cast_identity,
+             "llama.cpp": _gguf_identity}
 
 
 def _f16_identity(reference_sha256: str) -> dict:
@@ -198,7 +218,7 @@ def _run_builder(manifest: Manifest, ref: ReferenceModel, variant: Variant, out:
         record = quantize_gguf(f16, out / f"model-{qtype}.gguf", qtype)
         record.update(f16_gguf=str(f16))
         return record
-    if variant.recipe.get("builder") == "transformers":
+    if variant.recipe.get("builder") in CAST_BUILDERS:
         from .checkpoints.cast_build import build_cast
 
         return build_cast(ref.path, out, dtype=variant.recipe["dtype"])

@@ -57,3 +57,35 @@ class TransformersBackend(ScoringBackend):
             if token in stop:
                 return new[:i]
         return new
+
+
+def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None):
+    from ..checkpoints.loading import load_with_transformers
+
+    return load_with_transformers(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path)
+
+
+def _require(fmt: str, what: str) -> None:
+    from ..checkpoints.loading import require_format_library
+
+    require_format_library(fmt, what)
+
+
+def _numerics(dtype: str, device: str) -> dict[str, str]:
+    from ..protocol import device_class
+
+    return {"dtype": dtype, "device_class": device_class(device)}
+
+
+def _reference(manifest, ref, reference_sha256: str):
+    return ref.path, ref.format, f"reference {ref.name}"
+
+
+def _register():
+    from . import DEFAULT_BACKEND, Backend, register_backend
+
+    return register_backend(Backend(name=DEFAULT_BACKEND, suffix="", formats=None, load=_load, require=_require,
+                                    numerics=_numerics, reference=_reference))
+
+
+BACKEND = _register()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -190,3 +191,70 @@ class LlamaCppBackend(ScoringBackend):
             self.close()
         except Exception:
             pass
+
+
+def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None):
+    """The llama.cpp backend's loader: a GGUF file scored by llama.cpp's own kernels."""
+    from ..checkpoints.loading import LoadedCheckpoint, gguf_file
+    from ..errors import LoadAuditError
+
+    file = gguf_file(path, what)
+    require_llama_cpp(what)
+    # n_gpu_layers=0: llama.cpp scores on the CPU whatever `device` says (a CUDA build of
+    # llama-cpp-python would need its own protocol device class).
+    started = time.perf_counter()
+    try:
+        backend = LlamaCppBackend(file)
+    except RuntimeError as exc:
+        raise LoadAuditError(f"{what}: {exc} (llama.cpp refuses files with missing or malformed tensors; "
+                             "its log says which)") from exc
+    from ..checkpoints.gguf_build import gguf_tensor_types
+
+    description = {
+        "format": "gguf",
+        "dtype": "native (llama.cpp kernels)",
+        "device": "cpu",
+        "kernels": ["llama.cpp CPU"],
+        "load_seconds": round(time.perf_counter() - started, 3),
+        "size_bytes": file.stat().st_size,
+        "tokenizer_from": str(file),
+        "gguf_tensor_types": gguf_tensor_types(file),
+    }
+    return LoadedCheckpoint(model=backend, tokenizer=None, description=description, backend=backend,
+                            vocabulary=backend.vocabulary())
+
+
+def _require(fmt: str, what: str) -> None:
+    require_llama_cpp(what)
+
+
+def _numerics(dtype: str, device: str) -> dict[str, str]:
+    """llama.cpp computes in its own (mixed) precision on the CPU, whatever the manifest says."""
+    return {"dtype": "native", "device_class": "cpu", "kernels": ", ".join(f"{k}={v}" for k, v in NUMERICS.items())}
+
+
+def _reference(manifest, ref, reference_sha256: str):
+    from ..zoo import reference_gguf
+
+    return reference_gguf(manifest, ref, reference_sha256), "gguf", f"reference {ref.name} (F16 GGUF)"
+
+
+def _provenance(manifest, ref, reference_sha256: str) -> dict:
+    """What a llama.cpp baseline scored: the F16 GGUF, by path and hash."""
+    import os
+
+    from ..baselines import file_sha256
+
+    gguf = _reference(manifest, ref, reference_sha256)[0]
+    return {"scored_file": os.path.relpath(gguf, manifest.root), "scored_sha256": file_sha256(gguf)}
+
+
+def _register():
+    from . import Backend, register_backend
+
+    return register_backend(Backend(name=LlamaCppBackend.name, suffix=".llamacpp", formats=("gguf",), load=_load,
+                                    require=_require, numerics=_numerics, reference=_reference,
+                                    provenance=_provenance))
+
+
+BACKEND = _register()

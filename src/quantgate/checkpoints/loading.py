@@ -194,49 +194,29 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     """Load one checkpoint for scoring; raise CheckpointMissing or LoadAuditError, never half-load."""
     if fmt not in LOADABLE_FORMATS:
         raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(LOADABLE_FORMATS)})")
+    from ..backends import get_backend
+
+    engine = get_backend(backend)
+    if not engine.scores(fmt):
+        raise LoadAuditError(f"{what}: backend {backend!r} cannot load format {fmt!r}")
+    return engine.load(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path)
+
+
+def load_with_transformers(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
+                           tokenizer_path: Path | None = None) -> LoadedCheckpoint:
+    """The transformers backend's loader: every loadable format, GGUF dequantized to `dtype`."""
     if fmt == "gguf":
         file = gguf_file(path, what)
-        if backend == "llama.cpp":
-            return _load_gguf_llamacpp(file, what=what, device=device)
         return _load_hf(file.parent, fmt=fmt, dtype=dtype, device=device, what=what,
                         tokenizer_path=tokenizer_path, gguf=file)
-    if backend != "transformers":
-        raise LoadAuditError(f"{what}: backend {backend!r} cannot load format {fmt!r}")
     require_format_library(fmt, what)
     return _load_hf(_require(path, what), fmt=fmt, dtype=dtype, device=device, what=what,
                     tokenizer_path=tokenizer_path)
 
 
-def _load_gguf_llamacpp(file: Path, *, what: str, device: str) -> LoadedCheckpoint:
-    from ..backends.llamacpp import LlamaCppBackend, require_llama_cpp
-
-    require_llama_cpp(what)
-    # n_gpu_layers=0: llama.cpp scores on the CPU whatever `device` says (a CUDA build of
-    # llama-cpp-python would need its own protocol device class).
-    started = time.perf_counter()
-    try:
-        backend = LlamaCppBackend(file)
-    except RuntimeError as exc:
-        raise LoadAuditError(f"{what}: {exc} (llama.cpp refuses files with missing or malformed tensors; "
-                             "its log says which)") from exc
-    from .gguf_build import gguf_tensor_types
-
-    description = {
-        "format": "gguf",
-        "dtype": "native (llama.cpp kernels)",
-        "device": "cpu",
-        "kernels": ["llama.cpp CPU"],
-        "load_seconds": round(time.perf_counter() - started, 3),
-        "size_bytes": file.stat().st_size,
-        "tokenizer_from": str(file),
-        "gguf_tensor_types": gguf_tensor_types(file),
-    }
-    return LoadedCheckpoint(model=backend, tokenizer=None, description=description, backend=backend,
-                            vocabulary=backend.vocabulary())
-
-
 def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path: Path | None,
              gguf: Path | None = None) -> LoadedCheckpoint:
+    """Load a checkpoint with transformers (a GGUF dequantized), audit it and describe how it was loaded."""
     quiet_optional_libraries()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -262,6 +242,19 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         raise LoadAuditError(f"{what}: cannot load checkpoint {gguf or path}: {type(exc).__name__}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(previous)
+    tolerated, weights_digest, compressed = _audit_hf_model(model, info, path, fmt=fmt, what=what)
+    tokenizer, tok_dir = _hf_tokenizer(path, what=what, tokenizer_path=tokenizer_path, gguf=gguf)
+    description = _describe_hf_load(model, path, fmt=fmt, dtype=dtype, device=device, started=started, tok_dir=tok_dir,
+                                    gguf=gguf, weights_digest=weights_digest, compressed=compressed, legacy=legacy,
+                                    tolerated=tolerated)
+    from ..backends.hf import TransformersBackend
+
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
+                            backend=TransformersBackend(model, device))
+
+
+def _audit_hf_model(model, info: dict[str, Any], path: Path, *, fmt: str, what: str):
+    """Audit a loaded model (loading info, bnb weights digest, compressed-tensors, finite weights), then eval() it."""
     tolerated = zero_biases_of_quantized_layers(path, list(info.get("unexpected_keys") or ()))
     audit_loading_info(info, what, tolerated)
     weights_digest = None
@@ -272,19 +265,29 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
     compressed = decompress_compressed_tensors(model, what) if fmt == "compressed-tensors" else None
     audit_finite(model, what)
     model.eval()
+    return tolerated, weights_digest, compressed
+
+
+def _hf_tokenizer(path: Path, *, what: str, tokenizer_path: Path | None, gguf: Path | None):
+    """The variant's tokenizer and where it came from: the GGUF's own, the checkpoint's, or the reference's."""
     if gguf is not None:  # a GGUF carries its own tokenizer; the evaluator checks it against the reference's
-        tok_dir = gguf
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf.name)
         except Exception as exc:
             raise LoadAuditError(f"{what}: cannot read the tokenizer inside {gguf}: {type(exc).__name__}: {exc}") from exc
-    else:
-        tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
-        if tok_dir is None:
-            raise LoadAuditError(f"{what}: {path} has no tokenizer and no reference tokenizer was given")
-        tokenizer = load_tokenizer(tok_dir)
+        return tokenizer, gguf
+    tok_dir = path if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists() else tokenizer_path
+    if tok_dir is None:
+        raise LoadAuditError(f"{what}: {path} has no tokenizer and no reference tokenizer was given")
+    return load_tokenizer(tok_dir), tok_dir
+
+
+def _describe_hf_load(model, path: Path, *, fmt: str, dtype: str, device: str, started: float, tok_dir: Path,
+                      gguf: Path | None, weights_digest, compressed: dict[str, Any] | None, legacy,
+                      tolerated: list[str]) -> dict[str, Any]:
+    """The loaded checkpoint's description: format, dtype, device, kernels, load time, size and audit notes."""
     description = {
         "format": fmt,
         "dtype": dtype,
@@ -306,10 +309,7 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
         description["legacy_layout"] = "AutoGPTQ (weights file and/or quantize_config.json), GPTQ v1 zero points"
     if tolerated:
         description["ignored_zero_biases"] = len(tolerated)
-    from ..backends.hf import TransformersBackend
-
-    return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
-                            backend=TransformersBackend(model, device))
+    return description
 
 
 def _describe_quantization_args(args) -> str | None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends import DEFAULT_BACKEND
 from ..errors import BaselineFormatError
-from ..protocol import fingerprint_of
+from ..protocol import TaskProtocol, fingerprint_of
 
 KIND = "quantgate-task-baseline"
 SCHEMA_VERSION = 1
@@ -25,7 +26,7 @@ class TaskBaseline:
     task: str
     profile: str
     capability: str
-    protocol: dict[str, Any]
+    protocol: TaskProtocol
     ids: list[str]
     correct: list[bool]
     answers: list[Any]
@@ -39,12 +40,13 @@ class TaskBaseline:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint_of(self.protocol)
+        return self.protocol.fingerprint
 
 
-def task_baseline_path(baselines_dir: Path, model: str, task: str, profile: str, backend: str = "transformers") -> Path:
-    suffix = "" if backend == "transformers" else "." + backend.replace(".", "")
-    return Path(baselines_dir) / model / "tasks" / f"{task}.{profile}{suffix}.json"
+def task_baseline_path(baselines_dir: Path, model: str, task: str, profile: str, backend: str = DEFAULT_BACKEND) -> Path:
+    from ..backends import get_backend
+
+    return Path(baselines_dir) / model / "tasks" / f"{task}.{profile}{get_backend(backend).suffix}.json"
 
 
 def write_task_baseline(baseline: TaskBaseline, path: Path) -> Path:
@@ -56,7 +58,7 @@ def write_task_baseline(baseline: TaskBaseline, path: Path) -> Path:
         "kind": KIND, "schema": SCHEMA_VERSION, "model": baseline.model, "task": baseline.task,
         "profile": baseline.profile, "capability": baseline.capability,
         "summary": {"score": baseline.score, "items": len(baseline.ids), "correct": sum(baseline.correct)},
-        "protocol_fingerprint": baseline.fingerprint, "protocol": baseline.protocol,
+        "protocol_fingerprint": baseline.fingerprint, "protocol": baseline.protocol.as_dict(),
         "environment": baseline.environment, "provenance": baseline.provenance,
         "items": [{"id": i, "correct": c, "answer": a}
                   for i, c, a in zip(baseline.ids, baseline.correct, baseline.answers, strict=True)],
@@ -86,6 +88,7 @@ def read_task_baseline(path: Path, *, create_hint: str = "quantgate baseline") -
             raise TypeError("every item's 'correct' must be true or false")
         if len(ids) != protocol.get("items") or len(set(ids)) != len(ids):
             raise ValueError(f"{len(ids)} items (unique: {len(set(ids))}) for a protocol of {protocol.get('items')}")
+        protocol = TaskProtocol.from_dict(protocol)
         return TaskBaseline(model=str(doc["model"]), task=str(doc["task"]), profile=str(doc["profile"]),
                             capability=str(doc["capability"]), protocol=protocol, ids=ids, correct=correct,
                             answers=[x.get("answer") for x in items], environment=dict(doc["environment"]),
