@@ -40,12 +40,24 @@ def complete(raw: dict) -> bool:
     return any(isinstance(m, dict) and "path" in m for m in raw.get("models", {}).values())
 
 
+PYTHON = re.compile(r"^```python\n# (\w+)\.py\b.*?\n(.*?)^```", re.S | re.M)
+
+
+def plugin_source(doc: Path, name: str) -> str:
+    """A ```python block of the doc that begins with "# <name>.py": the plugin module a snippet names."""
+    found = [m.group(2) for m in PYTHON.finditer(doc.read_text(encoding="utf-8")) if m.group(1) == name]
+    return found[0] if found else ""
+
+
 def test_the_docs_show_manifest_snippets():
     assert len(list(snippets())) >= 2
 
 
 @pytest.mark.parametrize("doc, index, text", list(snippets()))
-def test_a_manifest_snippet_loads(tmp_path, doc, index, text):
+def test_a_manifest_snippet_loads(tmp_path, monkeypatch, doc, index, text):
+    from quantgate.tasks import kinds
+
+    kinds.task_kind_names()
     raw = tomllib.loads(text)
     if not complete(raw):
         earlier = [tomllib.loads(m.group(1)) for m in list(BLOCK.finditer(doc.read_text(encoding="utf-8")))[:index]]
@@ -53,8 +65,10 @@ def test_a_manifest_snippet_loads(tmp_path, doc, index, text):
         bases = [r for r in readme + earlier if complete(r)]
         assert bases, f"{doc.name} snippet {index} is a fragment with no complete manifest before it"
         raw = merged(bases[-1], raw)
-    for name in raw.get("quantgate", {}).get("plugins", []):  # a team's module, here an empty one
-        (tmp_path / f"{name}.py").write_text("")
+    for name in raw.get("quantgate", {}).get("plugins", []):  # the module as the doc shows it, else an empty one
+        (tmp_path / f"{name}.py").write_text(plugin_source(doc, name))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
     manifest = parse_manifest(raw, tmp_path / "quantgate.toml")
     assert manifest.models
 
