@@ -78,3 +78,38 @@ def test_scoring_is_deterministic(tiny):
     runs = [score_choices(tiny.backend, tiny.tokenizer, items, scoring="acc_pmi", max_length=64, batch_size=4)
             for _ in range(2)]
     assert runs[0] == runs[1] and np.isfinite(runs[0]["accuracy"])
+
+
+def test_a_shared_context_scores_as_the_plain_requests_do(tiny):
+    """loglikelihood_grouped (the context forwarded once, its KV cache shared by the continuations) against
+    loglikelihood on each (context, continuation): the same log-likelihoods within 1e-5, the same greedy flags;
+    a group that does not fit in max_length takes the plain path (cut from the left)."""
+    from quantgate.backends.base import ScoringBackend
+
+    backend, tok = tiny.backend, tiny.tokenizer
+    groups = []
+    for n, prompt in enumerate(["def f3(x, y):\n    total =", "The river", "import numpy as np\nx = np.", "a"]):
+        context = tok(prompt, add_special_tokens=False)["input_ids"]
+        conts = [tok(c, add_special_tokens=False)["input_ids"] for c in (" x", " y + 1", " river river river", "\n")]
+        groups.append((context, conts[: 2 + n % 3]))
+    long_context = tok("word " * 80, add_special_tokens=False)["input_ids"]
+    groups.append((long_context, [tok(" end", add_special_tokens=False)["input_ids"]]))
+    for batch_size in (1, 3):
+        shared = backend.loglikelihood_grouped(groups, max_length=64, batch_size=batch_size)
+        plain = ScoringBackend.loglikelihood_grouped(backend, groups, max_length=64, batch_size=batch_size)
+        assert [len(g) for g in shared] == [len(c) for _, c in groups]
+        for got, want in zip(shared, plain, strict=True):
+            assert [g for _, g in got] == [w for _, w in want]
+            assert np.allclose([v for v, _ in got], [v for v, _ in want], rtol=0, atol=1e-5)
+
+
+def test_decoding_side_by_side_gives_each_row_what_it_gets_alone(tiny):
+    """generate_batch (left-padded rows, each ending at its own stop token) against generate_until per context."""
+    backend, tok = tiny.backend, tiny.tokenizer
+    prompts = ["def f3(x, y):\n    total =", "The river", "import numpy as np\nx = np.", "a", "class A:\n    def"]
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop = tok("\n", add_special_tokens=False)["input_ids"]
+    alone = [backend.generate_until(c, max_new_tokens=6, max_length=64, stop=stop) for c in contexts]
+    for batch_size in (2, 5):
+        assert backend.generate_batch(contexts, max_new_tokens=6, max_length=64, stop=stop,
+                                      batch_size=batch_size) == alone

@@ -118,6 +118,25 @@ class ScoringBackend(abc.ABC):
             row += w.n_scored
         return out
 
+    def loglikelihood_grouped(self, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,
+                              max_length: int, batch_size: int) -> list[list[tuple[float, bool]]]:
+        """`loglikelihood` for continuations that share a context (a multiple-choice item's choices): per
+        group, one (log-likelihood, greedy) per continuation. Here the requests are flattened; a backend
+        that can keep a context's state (a KV cache) overrides it to forward each context once."""
+        flat = [(context, c) for context, conts in groups for c in conts]
+        results = self.loglikelihood(flat, max_length=max_length, batch_size=batch_size) if flat else []
+        out, start = [], 0
+        for _, conts in groups:
+            out.append(results[start:start + len(conts)])
+            start += len(conts)
+        return out
+
+    def generate_batch(self, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, max_length: int,
+                       stop: Sequence[int] = (), batch_size: int = 1) -> list[list[int]]:
+        """`generate_until` for many contexts; a backend that can decode rows side by side overrides it."""
+        return [self.generate_until(c, max_new_tokens=max_new_tokens, max_length=max_length, stop=stop)
+                for c in contexts]
+
     def generate_until(self, context: Sequence[int], *, max_new_tokens: int, max_length: int,
                        stop: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of `context` (deterministic on CPU), at most max_new_tokens, ending

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
+from ..errors import NonFiniteScores
 from ..perplexity import Window
 from .base import ScoringBackend
 
@@ -40,6 +42,99 @@ class TransformersBackend(ScoringBackend):
                     scored[row, w.score_from - w.begin - 1:n - 1] = True  # position i predicts token i + 1
                 logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device)).logits
                 yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
+
+    def loglikelihood_grouped(self, groups, *, max_length: int, batch_size: int):
+        """Contexts forwarded once, `batch_size` of them per pass (right-padded, longest first); their KV cache,
+        each row repeated once per continuation, then scores every continuation in a second pass, as
+        lm-evaluation-harness shares a context between its continuations. A group whose context and longest
+        continuation do not fit in max_length goes through the plain path (cut from the left)."""
+        out: list = [None] * len(groups)
+        fits = [i for i, (ctx, conts) in enumerate(groups) if ctx and conts and len(ctx) + max(map(len, conts)) <= max_length]
+        rest = sorted(set(range(len(groups))) - set(fits))
+        for i, result in zip(rest, super().loglikelihood_grouped([groups[i] for i in rest], max_length=max_length,
+                                                                 batch_size=batch_size), strict=True):
+            out[i] = result
+        fits.sort(key=lambda i: -len(groups[i][0]))
+        step = max(1, batch_size)
+        for begin in range(0, len(fits), step):
+            chunk = fits[begin:begin + step]
+            for i, result in zip(chunk, self._shared_contexts([groups[i] for i in chunk]), strict=True):
+                out[i] = result
+        return out
+
+    def _shared_contexts(self, groups) -> list[list[tuple[float, bool]]]:
+        import torch
+
+        lengths = [len(ctx) for ctx, _ in groups]
+        ids = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (ctx, _) in enumerate(groups):
+            ids[row, :len(ctx)] = torch.as_tensor(list(ctx))
+            mask[row, :len(ctx)] = 1
+        with torch.inference_mode():
+            first = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True)
+            heads = [torch.log_softmax(first.logits[row, n - 1].float(), dim=-1) for row, n in enumerate(lengths)]
+            owners = [row for row, (_, conts) in enumerate(groups) for _ in conts]
+            conts = [list(c) for _, cs in groups for c in cs]
+            scored = self._continuations(conts, owners, lengths, mask, heads, _cache_of(first))
+        out, start = [], 0
+        for _, cs in groups:
+            out.append(scored[start:start + len(cs)])
+            start += len(cs)
+        return out
+
+    def _continuations(self, conts, owners, lengths, context_mask, heads, cache) -> list[tuple[float, bool]]:
+        """Every continuation from its context's cached keys: positions go on from the context's own end."""
+        import torch
+
+        width = max(map(len, conts))
+        ids = torch.zeros((len(conts), width), dtype=torch.long)
+        mask = torch.cat([context_mask[owners], torch.zeros((len(conts), width), dtype=torch.long)], dim=1)
+        positions = torch.zeros((len(conts), width), dtype=torch.long)
+        for row, (c, owner) in enumerate(zip(conts, owners, strict=True)):
+            ids[row, :len(c)] = torch.as_tensor(c)
+            mask[row, context_mask.shape[1]:context_mask.shape[1] + len(c)] = 1
+            positions[row] = torch.arange(lengths[owner], lengths[owner] + width)
+        cache.batch_select_indices(torch.as_tensor(owners, device=self.device))
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=positions.to(self.device), use_cache=True,
+                            **_cache_argument(self.model, cache)).logits
+        out = []
+        for row, (c, owner) in enumerate(zip(conts, owners, strict=True)):
+            rows = torch.cat([heads[owner][None], torch.log_softmax(logits[row, :len(c) - 1].float(), dim=-1)])
+            target = torch.as_tensor(c, device=rows.device)
+            total = float(rows.gather(1, target[:, None]).double().sum())
+            if not math.isfinite(total):
+                raise NonFiniteScores(f"{self.name} produced a non-finite log-likelihood")
+            out.append((total, bool((rows.argmax(dim=1) == target).all())))
+        return out
+
+    def generate_batch(self, contexts, *, max_new_tokens: int, max_length: int, stop=(), batch_size: int = 1):
+        """Greedy decoding of `batch_size` contexts side by side (left-padded, longest first, each row ending at
+        its own first stop token), as lm-evaluation-harness batches generation requests."""
+        import torch
+
+        keep = max(1, max_length - max_new_tokens)
+        rows = [list(c)[-keep:] for c in contexts]
+        stop = [int(t) for t in stop]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: list = [None] * len(rows)
+        for begin in range(0, len(order), max(1, batch_size)):
+            chunk = order[begin:begin + max(1, batch_size)]
+            width = max(len(rows[i]) for i in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(rows[i]):] = torch.as_tensor(rows[i])
+                mask[row, width - len(rows[i]):] = 1
+            with torch.inference_mode():
+                generated = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                                eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
+            for row, i in enumerate(chunk):
+                new = generated[row, width:].tolist()
+                out[i] = next((new[:k] for k, t in enumerate(new) if t in stop), new)
+        return out
 
     def generate_until(self, context, *, max_new_tokens: int, max_length: int, stop=()) -> list[int]:
         """Greedy decoding with the model's KV cache (transformers' generate, sampling off)."""
@@ -89,3 +184,16 @@ def _register():
 
 
 BACKEND = _register()
+
+
+def _cache_of(output):
+    """The KV cache a forward returned (transformers 5 names it `cache`, earlier versions `past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_argument(model, cache) -> dict:
+    import inspect
+
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}

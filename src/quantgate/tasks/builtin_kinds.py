@@ -42,7 +42,8 @@ def _score_line_end(task, backend, tokenizer, settings) -> ScoredItems:
     from .generation import score_generation
 
     out = score_generation(backend, tokenizer, task.items, extract=rest_of_line, max_new_tokens=task.spec.max_new_tokens,
-                           max_length=settings.max_length, stop_ids=[*newline_token_ids(tokenizer), *_eos(tokenizer)])
+                           max_length=settings.max_length, stop_ids=[*newline_token_ids(tokenizer), *_eos(tokenizer)],
+                           batch_size=settings.batch_size)
     return ScoredItems(ids=list(out["ids"]), correct=list(out["correct"]), answers=list(out["outputs"]))
 
 
@@ -50,7 +51,8 @@ def _score_gsm8k(task, backend, tokenizer, settings) -> ScoredItems:
     from .generation import score_generation
 
     out = score_generation(backend, tokenizer, task.items, extract=gsm8k_answer, max_new_tokens=task.spec.max_new_tokens,
-                           max_length=settings.max_length, stop_ids=_eos(tokenizer), stop_strings=GSM8K_STOPS)
+                           max_length=settings.max_length, stop_ids=_eos(tokenizer), stop_strings=GSM8K_STOPS,
+                           batch_size=settings.batch_size)
     return ScoredItems(ids=list(out["ids"]), correct=list(out["correct"]), answers=list(out["outputs"]))
 
 
@@ -62,11 +64,12 @@ def _score_humaneval(task, backend, tokenizer, settings) -> ScoredItems:
     """Greedy completions cut at the next top-level statement, run against the problem's tests in the sandbox."""
     from .humaneval import execute
 
+    contexts = [tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"] for problem in task.items]
     completions = []
-    for problem in task.items:
-        context = tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
-        text = tokenizer.decode(backend.generate_until(context, max_new_tokens=task.spec.max_new_tokens,
-                                                       max_length=settings.max_length, stop=_eos(tokenizer)))
+    for tokens in backend.generate_batch(contexts, max_new_tokens=task.spec.max_new_tokens,
+                                         max_length=settings.max_length, stop=_eos(tokenizer),
+                                         batch_size=settings.batch_size):
+        text = tokenizer.decode(tokens)
         cut = min([text.index(s) for s in HUMANEVAL_STOPS if s in text], default=len(text))
         completions.append(text[:cut])
     problems = {p["task_id"]: p for p in task.items}

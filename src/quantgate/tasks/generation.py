@@ -63,13 +63,13 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 def score_generation(backend, tokenizer, items: Sequence[GenerationItem], *, extract: Callable[[str], Any],
                      max_new_tokens: int, max_length: int, stop_ids: Sequence[int] = (),
-                     stop_strings: Sequence[str] = ()) -> dict[str, Any]:
+                     stop_strings: Sequence[str] = (), batch_size: int = 1) -> dict[str, Any]:
+    contexts = [tokenizer(item.prompt, add_special_tokens=False)["input_ids"] for item in items]
+    generated = backend.generate_batch(contexts, max_new_tokens=max_new_tokens, max_length=max_length,
+                                       stop=list(dict.fromkeys(stop_ids)), batch_size=batch_size)
     outputs, correct = [], []
-    stop = set(stop_ids)
-    for item in items:
-        context = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
-        text = tokenizer.decode(backend.generate_until(context, max_new_tokens=max_new_tokens,
-                                                       max_length=max_length, stop=stop))
+    for item, tokens in zip(items, generated, strict=True):
+        text = tokenizer.decode(tokens)
         cut = min([text.index(s) for s in stop_strings if s in text], default=len(text))
         text = text[:cut]
         outputs.append(text)

@@ -79,20 +79,21 @@ def score_choices(backend, tokenizer, items: Sequence[ChoiceItem], *, shots: Seq
     `item_shots` gives each item its own (MMLU: examples of the item's subject)."""
     if scoring not in SCORING_RULES:
         raise ValueError(f"scoring must be one of {SCORING_RULES}, got {scoring!r}")
-    requests, owners = [], []
+    groups = []
     for n, item in enumerate(items):
         solved = item_shots[n] if item_shots is not None else shots
         context = tokenizer(with_shots(item, solved), add_special_tokens=False)["input_ids"]
-        for choice in item.choices:
-            requests.append((context, tokenizer(choice, add_special_tokens=False)["input_ids"]))
-            owners.append(n)
-    results = backend.loglikelihood(requests, max_length=max_length, batch_size=batch_size)
-    scores = np.array([ll for ll, _ in results])
-    if scoring == "acc_pmi":
+        groups.append((context, [tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices]))
+    # the context forwarded once per item, shared by its choices (backends/hf.py)
+    results = backend.loglikelihood_grouped(groups, max_length=max_length, batch_size=batch_size)
+    scores = np.array([ll for group in results for ll, _ in group])
+    if scoring == "acc_pmi":  # every choice under the one neutral prompt: one group, each distinct choice once
         neutral = tokenizer(NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]
-        prior = backend.loglikelihood([(neutral, cont) for _, cont in requests], max_length=max_length,
-                                      batch_size=batch_size)
-        scores = scores - np.array([ll for ll, _ in prior])
+        distinct = list(dict.fromkeys(tuple(c) for _, conts in groups for c in conts))
+        (prior,) = backend.loglikelihood_grouped([(neutral, [list(c) for c in distinct])], max_length=max_length,
+                                                 batch_size=batch_size)
+        by_choice = dict(zip(distinct, (ll for ll, _ in prior), strict=True))
+        scores = scores - np.array([by_choice[tuple(c)] for _, conts in groups for c in conts])
     if scoring == "acc_norm":
         lengths = np.array([len(c.encode("utf-8")) for item in items for c in item.choices], dtype=np.float64)
         scores = scores / lengths
