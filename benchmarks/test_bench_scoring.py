@@ -106,8 +106,8 @@ def test_multiple_choice_shared_context_against_plain_requests(benchmark, backen
 
 
 def test_generation_side_by_side_against_one_at_a_time(benchmark, backend, evaluator):
-    """The demo's line-end task (first 64 items): rows decoded side by side (generate_batch, 4 a pass as the demo manifest's batch_size) against
-    one generate_until per item, timed in this run."""
+    """The demo's line-end task (first 64 items): rows decoded side by side (generate_batch, 4 a pass, the demo
+    manifest's batch_size) against one generate_until per item, timed in this run."""
     from quantgate.tasks.generation import newline_token_ids
 
     tokenizer = evaluator.reference_tokenizer("demo")

@@ -175,3 +175,20 @@ def test_the_repositorys_schema_3_baselines_still_read():
     stored = sorted((Path(__file__).resolve().parents[1] / "baselines" / "demo").glob("*.json"))
     read = [bl.read_baseline(p) for p in stored if p.name != "builds.json"]
     assert len(read) == 8 and all(b.perplexity > 1 for b in read)
+
+
+def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """The reference is hashed by the build step and the gate many times: read once, re-read after a change."""
+    import hashlib
+    import os
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(p), real_open(p, *a, **k))[1])
+    first = bl.file_sha256(path)
+    assert bl.file_sha256(path) == first == hashlib.sha256(b"weights").hexdigest() and len(reads) == 1
+    path.write_bytes(b"other weights")
+    os.utime(path, ns=(1, 1))  # even an edit that restores an old timestamp changes the size here
+    assert bl.file_sha256(path) == hashlib.sha256(b"other weights").hexdigest() and len(reads) == 2

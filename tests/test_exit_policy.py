@@ -48,3 +48,17 @@ def test_the_header_is_printed_only_where_quantgate_is_in_use(tmp_path):
     assert not session(tmp_path).in_use()
     (tmp_path / "quantgate.toml").write_text("")
     assert session(tmp_path).in_use()
+
+
+def test_progress_says_when_each_variant_is_done_and_how_far_the_run_is():
+    from quantgate.session import Progress
+
+    p = Progress(total={("m", "a"): 3, ("m", "b"): 2})
+    assert p.finished(("m", "a")) is None  # never started: nothing to say
+    for _ in range(3):
+        p.started(("m", "a"))
+    line = p.finished(("m", "a"))
+    assert line.startswith("quantgate: m/a: 3 of 3 checks in ") and line.endswith("s [1/2 variants]")
+    p.started(("m", "b"))
+    line = p.finished(("m", "b"))
+    assert "m/b: 1 of 2 checks" in line and line.endswith("[2/2 variants]")

@@ -1,6 +1,7 @@
 """The plugin end to end (pytester): verdicts, messages, reports, drift, audits, exit codes."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template
     out = result.stdout.str()
     assert "| variant | format | bits | backend | corpus | PPL | FP16 PPL | relative PPL | bound | verdict |" in out
     assert "| tiny/close | fp16 | 16 | transformers | code |" in out
+    assert re.search(r"quantgate: tiny/close: 6 of 6 checks in [0-9.]+s \[1/1 variants\]", out)  # progress line
     records = json.loads((tmp_path / "q.json").read_text())["records"]
     assert {(r["variant"], r["corpus"], r["verdict"]) for r in records} == {("close", "code", "pass"),
                                                                            ("close", "prose", "pass")}

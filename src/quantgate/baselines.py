@@ -110,12 +110,21 @@ def git_state(cwd: Path) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": bool(dirty) if dirty is not None else None}
 
 
+_FILE_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a checkpoint is read once per process
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's contents, remembered while its path, inode, size and modification time stay the same
+    (the build step and the gate hash the same reference many times; gigabytes for a real model)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
 
 
 def checkpoint_sha256(path: Path) -> str:

@@ -147,6 +147,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         g = _group(item)
         if g is not None:
             groups.setdefault(g, len(groups))
+    progress = _state(config).progress
+    progress.total = {}
+    for item in items:
+        g = _group(item)
+        if g is not None:
+            progress.total[g] = progress.total.get(g, 0) + 1
     if groups:
         order = {id(it): (groups.get(_group(it), -1), i) for i, it in enumerate(items)}
         items.sort(key=lambda it: order[id(it)])
@@ -223,10 +229,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    group = _group(item)
+    if group is not None:
+        _state(item.config).progress.started(group)
+
+
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     state = _state(item.config)
-    if state.evaluator is not None and _group(item) is not None and _group(nextitem) != _group(item):
-        state.evaluator.release()  # the next test needs another model (or none)
+    group = _group(item)
+    if group is not None and _group(nextitem) != group:
+        if state.evaluator is not None:
+            state.evaluator.release()  # the next test needs another model (or none)
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        line = state.progress.finished(group)
+        if reporter is not None and line:
+            reporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -38,6 +38,35 @@ def exit_status(pytest_status: int, *, bad: int, untestable: int, skipped: int, 
 
 
 @dataclass
+class Progress:
+    """One line per (model, variant) when its checks are done: how many, and how long they took together
+    (loading, scoring, judging), so that a CI log shows where a run's time goes while it runs."""
+
+    total: dict[tuple[str, str], int] = field(default_factory=dict)  # checks collected per (model, variant)
+    _started: dict[tuple[str, str], float] = field(default_factory=dict)
+    _done: dict[tuple[str, str], int] = field(default_factory=dict)
+    _finished: int = 0
+
+    def started(self, group: tuple[str, str]) -> None:
+        import time
+
+        self._started.setdefault(group, time.perf_counter())
+        self._done[group] = self._done.get(group, 0) + 1
+
+    def finished(self, group: tuple[str, str]) -> str | None:
+        import time
+
+        if group not in self._started:
+            return None
+        seconds = time.perf_counter() - self._started.pop(group)
+        done = self._done.pop(group, 0)
+        self._finished += 1
+        of = f" of {self.total[group]}" if group in self.total else ""
+        position = f" [{self._finished}/{len(self.total)} variants]" if self.total else ""
+        return f"quantgate: {group[0]}/{group[1]}: {done}{of} checks in {seconds:.1f}s{position}"
+
+
+@dataclass
 class QualitySession:
     manifest_option: str | None
     profile_option: str | None
@@ -53,6 +82,7 @@ class QualitySession:
     skipped: list[str] = field(default_factory=list)
     _manifest: Any = None
     _table: Any = None
+    progress: Progress = field(default_factory=Progress)
     evaluator: Any = None
     report: Any = None
 
