@@ -62,3 +62,4 @@ def test_progress_says_when_each_variant_is_done_and_how_far_the_run_is():
     p.started(("m", "b"))
     line = p.finished(("m", "b"))
     assert "m/b: 1 of 2 checks" in line and line.endswith("[2/2 variants]")
+    assert [x.split(":")[1] for x in p.take_lines()] == [" m/a", " m/b"] and p.take_lines() == []

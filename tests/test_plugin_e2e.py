@@ -369,3 +369,12 @@ def test_a_broken_acceptability_table_is_a_usage_error_before_collection(pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert problem in result.stderr.str() and "collected" not in result.stdout.str()
     assert run(pytester, "--quality-bisect").ret == BISECT_SKIP
+
+
+def test_progress_lines_reach_the_terminal_of_a_real_run(pytester, tiny_zoo_template):
+    """A line per variant as its checks finish, written outside pytest's output capture (a subprocess run, as a
+    user's or CI's: the inline runs above capture differently), counting only the selected checks."""
+    make_project(pytester, tiny_zoo_template)
+    result = pytester.runpytest_subprocess("-m", "quality", "-p", "no:cacheprovider", "-k", "perplexity")
+    assert result.ret == 0
+    assert re.search(r"^quantgate: tiny/close: 6 of 6 checks in [0-9.]+s \[1/1 variants\]$", result.stdout.str(), re.M)

@@ -7,6 +7,7 @@ inside fixtures only. Hooks hand off to the session object (`session.QualitySess
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     opt = config.option
     if not DEVICE_SYNTAX.fullmatch(opt.quality_device):
         raise OptionError(f"--quality-device {opt.quality_device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    config.pluginmanager.register(_ProgressLines(config), "quantgate-progress")
     config.stash[STATE] = QualitySession(
         manifest_option=opt.quality_manifest, profile_option=opt.quality_profile,
         device_option=opt.quality_device, bisect=opt.quality_bisect, strict=opt.quality_strict,
@@ -147,12 +149,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         g = _group(item)
         if g is not None:
             groups.setdefault(g, len(groups))
-    progress = _state(config).progress
-    progress.total = {}
-    for item in items:
-        g = _group(item)
-        if g is not None:
-            progress.total[g] = progress.total.get(g, 0) + 1
     if groups:
         order = {id(it): (groups.get(_group(it), -1), i) for i, it in enumerate(items)}
         items.sort(key=lambda it: order[id(it)])
@@ -170,6 +166,7 @@ def pytest_runtestloop(session: pytest.Session):
     """Recipe variants are built in a step of their own, before the first check runs."""
     if not session.config.option.collectonly:
         pairs = [g for g in map(_group, session.items) if g is not None]
+        _state(session.config).progress.total = dict(collections.Counter(pairs))  # after every deselection
         if pairs:
             reporter = session.config.pluginmanager.get_plugin("terminalreporter")
             write = reporter.write_line if reporter is not None else print
@@ -241,10 +238,20 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if group is not None and _group(nextitem) != group:
         if state.evaluator is not None:
             state.evaluator.release()  # the next test needs another model (or none)
-        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
-        line = state.progress.finished(group)
-        if reporter is not None and line:
-            reporter.write_line(line)
+        state.progress.finished(group)  # shown by pytest_runtest_logfinish, outside output capture
+
+
+class _ProgressLines:
+    """Writes the session's progress lines after each test's teardown, where pytest captures no output."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for line in _state(self.config).progress.take_lines():
+            if reporter is not None:
+                reporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -46,6 +46,7 @@ class Progress:
     _started: dict[tuple[str, str], float] = field(default_factory=dict)
     _done: dict[tuple[str, str], int] = field(default_factory=dict)
     _finished: int = 0
+    _pending: list[str] = field(default_factory=list)
 
     def started(self, group: tuple[str, str]) -> None:
         import time
@@ -63,7 +64,14 @@ class Progress:
         self._finished += 1
         of = f" of {self.total[group]}" if group in self.total else ""
         position = f" [{self._finished}/{len(self.total)} variants]" if self.total else ""
-        return f"quantgate: {group[0]}/{group[1]}: {done}{of} checks in {seconds:.1f}s{position}"
+        line = f"quantgate: {group[0]}/{group[1]}: {done}{of} checks in {seconds:.1f}s{position}"
+        self._pending.append(line)
+        return line
+
+    def take_lines(self) -> list[str]:
+        """The lines finished since the last call (the plugin writes them where output is not captured)."""
+        lines, self._pending = self._pending, []
+        return lines
 
 
 @dataclass
