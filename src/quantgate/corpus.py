@@ -164,11 +164,12 @@ def encode_long(tokenizer, text: str, **kwargs):
 
 
 def tokenize(corpus: Corpus, tokenizer, *, add_bos: bool, token_cap: int | None) -> TokenizedCorpus:
-    """Tokenize the joined text once, and map document starts to token positions."""
+    """Tokenize the joined text once (tokencache.py), and map document starts to token positions."""
+    from .tokencache import encode_with_offsets
+
     text = corpus.text
-    enc = encode_long(tokenizer, text, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    token_starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
+    ids, token_starts = encode_with_offsets(tokenizer, text,
+                                            lambda: encode_long(tokenizer, text, return_offsets_mapping=True))
     doc_chars, pos = [], 0
     for doc in corpus.documents:
         doc_chars.append(pos)

@@ -133,6 +133,7 @@ class Manifest:
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     table: Path | None = None  # acceptability table; None: the one shipped with quantgate
     exceedance: str = "point"  # "point" | "interval": when a metric beyond its bound fails (gate.py)
+    cache_dir: Path | None = None  # token ids of corpora and task texts (tokencache.py); None: memory only
     plugins: tuple[str, ...] = ()  # modules imported on load ([quantgate] plugins)
 
     def profile_names(self) -> list[str]:
@@ -369,6 +370,7 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
     settings = top.table("quantgate")
     baselines_dir = root / settings.take("baselines", str, "baselines")
     zoo_dir = root / settings.take("zoo_dir", str, "build/zoo")
+    cache_dir = root / settings.take("cache_dir", str, "build/cache")
     default_profile = settings.take("default_profile", str, "default")
     reversal_tolerance = settings.take("reversal_tolerance", (int, float), 0.005)
     table = settings.take("table", str, None)
@@ -394,7 +396,7 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
     if not models:
         raise ManifestError(path, "models", "declares no reference model")
     return Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
-                    default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
+                    cache_dir=cache_dir, default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
                     table=root / table if table else None, plugins=plugins)
 
 

@@ -1,6 +1,7 @@
 """What is measured, and under which protocol: the manifest's models, corpora and tasks, loaded once.
 
-Corpora are read and tokenized once per (model, corpus, settings), task items loaded once per
+Corpora are read and tokenized once per (model, corpus, settings) (token ids also kept on disk across
+processes, tokencache.py), task items loaded once per
 item cap, the reference checkpoint hashed once per session (gigabytes for real models). The
 protocols built here (a corpus's, a task's) are what baselines are compared under.
 """
@@ -31,6 +32,11 @@ class Workspace:
     _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
     _tasks: dict[tuple, Any] = field(default_factory=dict)
     _hashes: dict[tuple[str, str], Any] = field(default_factory=dict)  # (what, model) -> hash or parameter count
+
+    def __post_init__(self) -> None:
+        from . import tokencache
+
+        tokencache.use(self.manifest.cache_dir)
 
     def model(self, name: str) -> ReferenceModel:
         return self.manifest.models[name]

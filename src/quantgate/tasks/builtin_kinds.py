@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..tokencache import encode_texts
 from .generation import gsm8k_answer, gsm8k_items, line_end_items, newline_token_ids, rest_of_line
 from .kinds import ScoredItems, TaskKind, humaneval_render, register_task_kind
 from .multiple_choice import ChoiceItem, ceval_items, mmlu_items, next_line_items, with_shots
@@ -64,7 +65,7 @@ def _score_humaneval(task, backend, tokenizer, settings) -> ScoredItems:
     """Greedy completions cut at the next top-level statement, run against the problem's tests in the sandbox."""
     from .humaneval import execute
 
-    contexts = [tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"] for problem in task.items]
+    contexts = encode_texts(tokenizer, [problem["prompt"] for problem in task.items])
     completions = []
     for tokens in backend.generate_batch(contexts, max_new_tokens=task.spec.max_new_tokens,
                                          max_length=settings.max_length, stop=_eos(tokenizer),

@@ -58,13 +58,17 @@ def rest_of_line(text: str) -> str:
 
 def newline_token_ids(tokenizer) -> list[int]:
     """Every token id whose text contains a newline (byte-level BPE merges newlines with indentation)."""
-    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+    from ..tokencache import newline_ids
+
+    return newline_ids(tokenizer)
 
 
 def score_generation(backend, tokenizer, items: Sequence[GenerationItem], *, extract: Callable[[str], Any],
                      max_new_tokens: int, max_length: int, stop_ids: Sequence[int] = (),
                      stop_strings: Sequence[str] = (), batch_size: int = 1) -> dict[str, Any]:
-    contexts = [tokenizer(item.prompt, add_special_tokens=False)["input_ids"] for item in items]
+    from ..tokencache import encode_texts
+
+    contexts = encode_texts(tokenizer, [item.prompt for item in items])
     generated = backend.generate_batch(contexts, max_new_tokens=max_new_tokens, max_length=max_length,
                                        stop=list(dict.fromkeys(stop_ids)), batch_size=batch_size)
     outputs, correct = [], []
