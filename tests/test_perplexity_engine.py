@@ -218,3 +218,22 @@ def test_loglikelihood_matches_rolling_scores_and_reports_greedy(tiny_model, str
     assert len(own) == 4
     stop_at = own[2]
     assert backend.generate_until(context, max_new_tokens=4, max_length=64, stop=[stop_at]) == own[:own.index(stop_at)]
+
+
+def test_the_output_layer_runs_only_where_a_scored_token_is_predicted(tiny_model, stream):
+    """At stride = max_length / 2 about half of each window predicts a scored token: the output layer sees only
+    those positions (logits_to_keep), and the scores are those of the full output, token for token."""
+    backend = _backend(tiny_model)
+    assert backend._keeps_logits
+    widths = []
+    hook = tiny_model.lm_head.register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    try:
+        kept = backend.loglikelihood_rolling(stream, max_length=64, stride=32, batch_size=3, top_k=4)
+    finally:
+        hook.remove()
+    backend._keeps_logits = False
+    full = backend.loglikelihood_rolling(stream, max_length=64, stride=32, batch_size=3, top_k=4)
+    assert max(widths) == 63 and min(widths) <= 33  # the first batch holds the first window (all scored)
+    np.testing.assert_allclose(kept.logprobs, full.logprobs, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(kept.argmax, full.argmax)
+    np.testing.assert_allclose(kept.topk_logprobs, full.topk_logprobs, rtol=0, atol=1e-6)

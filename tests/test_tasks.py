@@ -94,6 +94,9 @@ def test_a_shared_context_scores_as_the_plain_requests_do(tiny):
         groups.append((context, conts[: 2 + n % 3]))
     long_context = tok("word " * 80, add_special_tokens=False)["input_ids"]
     groups.append((long_context, [tok(" end", add_special_tokens=False)["input_ids"]]))
+    # many continuations of one context (acc_pmi's neutral prompt): scored in parts of similar length
+    many = [tok(" " + "x" * (1 + k % 7) + " y" * (k % 5), add_special_tokens=False)["input_ids"] for k in range(75)]
+    groups.append((tok("\n", add_special_tokens=False)["input_ids"], many))
     for batch_size in (1, 3):
         shared = backend.loglikelihood_grouped(groups, max_length=64, batch_size=batch_size)
         plain = ScoringBackend.loglikelihood_grouped(backend, groups, max_length=64, batch_size=batch_size)

@@ -59,6 +59,17 @@ def _require_writable(directory: Path) -> None:
 
 
 def cmd_baseline(args) -> int:
+    from . import progress
+
+    if sys.stderr.isatty():  # a live line while each baseline is measured; a log gets the line per baseline only
+        progress.use(sys.stderr)
+    try:
+        return _baselines(args)
+    finally:
+        progress.use(None)
+
+
+def _baselines(args) -> int:
     from .evaluation import Evaluator, resolve_device
 
     manifest = _manifest(args)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from . import progress
 from .baselines import Baseline
 from .perplexity import TokenScores
 from .protocol import Protocol
@@ -76,9 +77,10 @@ class Measurer:
         loaded = self.residency.checkpoint(model, variant, backend_name)
         self.residency.check_tokenizer(model, variant, loaded, corpus)
         started = time.perf_counter()
-        scores = loaded.backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
-                                                      stride=settings.stride, batch_size=settings.batch_size,
-                                                      top_k=top_k, gather_ids=gather_ids)
+        with progress.stage(f"{model}/{variant or 'reference'}: {corpus}", total=protocol.tokens_scored, unit="tok"):
+            scores = loaded.backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
+                                                          stride=settings.stride, batch_size=settings.batch_size,
+                                                          top_k=top_k, gather_ids=gather_ids)
         return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
                            doc_starts=reference_tokens.doc_starts,
                            description={**loaded.description, **loaded.backend.describe()},
@@ -141,8 +143,9 @@ class Measurer:
 
         loaded = self.residency.checkpoint(model, variant, backend or self.ws.backend_of(model, variant))
         self.residency.check_tokenizer(model, variant, loaded)
-        return run_task(self.ws.task(model, name), loaded.backend, self.ws.reference_tokenizer(model),
-                        self.ws.settings(model))
+        task = self.ws.task(model, name)
+        with progress.stage(f"{model}/{variant or 'reference'}: {name}", total=len(task.items), unit="item"):
+            return run_task(task, loaded.backend, self.ws.reference_tokenizer(model), self.ws.settings(model))
 
     def compare_task(self, model: str, variant: str, name: str, baseline):
         """A variant's task result against the FP16 baseline's, item by item; cached per case."""

@@ -242,16 +242,46 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 class _ProgressLines:
-    """Writes the session's progress lines after each test's teardown, where pytest captures no output."""
+    """Writes the session's progress lines after each test's teardown, where pytest captures no output; on a
+    terminal, also the live line of what runs now (progress.py), drawn with pytest's capture suspended."""
 
     def __init__(self, config: pytest.Config):
         self.config = config
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        import sys
+
+        from . import progress
+
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and sys.__stdout__ is not None and sys.__stdout__.isatty():
+            progress.use(progress.Uncaptured(self.config.pluginmanager.get_plugin("capturemanager"), _TerminalOut(),
+                                             newline=reporter.ensure_newline))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from . import progress
+
+        progress.use(None)
 
     def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         for line in _state(self.config).progress.take_lines():
             if reporter is not None:
                 reporter.write_line(line)
+
+
+class _TerminalOut:
+    """Standard output as it is when capture is suspended (looked up at each write)."""
+
+    def write(self, text: str) -> int:
+        import sys
+
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        import sys
+
+        sys.stdout.flush()
 
 
 @pytest.hookimpl(wrapper=True)

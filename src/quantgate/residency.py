@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from . import progress
 from .backends import get_backend
 from .checkpoints.loading import LoadedCheckpoint, load_checkpoint, release
 from .corpus import tokenize
@@ -38,7 +39,8 @@ class Residency:
                 continue
             started = time.perf_counter()
             try:
-                _, record = build_variant(self.ws.manifest, self.ws.model(model), v)
+                with progress.stage(f"{model}/{variant}: building"):
+                    _, record = build_variant(self.ws.manifest, self.ws.model(model), v)
             except (QuantgateError, OSError) as exc:  # BuildFailed, a missing builder library or reference
                 from .errors import BuildFailed
 
@@ -62,8 +64,9 @@ class Residency:
             path, fmt, what = get_backend(backend).reference(self.ws.manifest, ref, self.ws.reference_sha256(model))
         else:
             path, fmt, what = self._variant_source(model, variant)
-        loaded = load_checkpoint(path, fmt=fmt, dtype=self.ws.settings(model).dtype, device=self.ws.device, what=what,
-                                 tokenizer_path=ref.path, backend=backend)
+        with progress.stage(f"{model}/{variant or 'reference'}: loading"):
+            loaded = load_checkpoint(path, fmt=fmt, dtype=self.ws.settings(model).dtype, device=self.ws.device,
+                                     what=what, tokenizer_path=ref.path, backend=backend)
         if variant is not REFERENCE:
             v = self.ws.variant(model, variant)
             loaded.description.update(bits=v.bits, group_size=v.group_size, desc_act=v.desc_act,

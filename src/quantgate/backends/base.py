@@ -14,8 +14,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .. import progress
 from ..errors import NonFiniteScores
 from ..perplexity import TokenScores, Window, plan_windows, scored_positions
+
+GROUPS_PER_CALL = 64  # groups of continuations scored per call (a progress step); results do not depend on it
 
 
 class ScoringBackend(abc.ABC):
@@ -52,6 +55,7 @@ class ScoringBackend(abc.ABC):
             if gather is not None:
                 pieces.setdefault("gathered", []).append(dist.gather(1, gather[row:row + n].to(dist.device)).float().cpu())
             row += n
+            progress.advance(n, "tok")
         if row != len(targets):
             raise RuntimeError(f"{self.name}: {row} scores for {len(targets)} targets")
         empty = {"logprobs": np.zeros(0), "argmax": np.zeros(0, np.int64), "max_logprob": np.zeros(0, np.float32),
@@ -123,19 +127,26 @@ class ScoringBackend(abc.ABC):
         """`loglikelihood` for continuations that share a context (a multiple-choice item's choices): per
         group, one (log-likelihood, greedy) per continuation. Here the requests are flattened; a backend
         that can keep a context's state (a KV cache) overrides it to forward each context once."""
-        flat = [(context, c) for context, conts in groups for c in conts]
-        results = self.loglikelihood(flat, max_length=max_length, batch_size=batch_size) if flat else []
-        out, start = [], 0
-        for _, conts in groups:
-            out.append(results[start:start + len(conts)])
-            start += len(conts)
+        out = []
+        for first in range(0, len(groups), GROUPS_PER_CALL):
+            chunk = groups[first:first + GROUPS_PER_CALL]
+            flat = [(context, c) for context, conts in chunk for c in conts]
+            results = self.loglikelihood(flat, max_length=max_length, batch_size=batch_size) if flat else []
+            start = 0
+            for _, conts in chunk:
+                out.append(results[start:start + len(conts)])
+                start += len(conts)
+            progress.advance(len(chunk), "item")
         return out
 
     def generate_batch(self, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, max_length: int,
                        stop: Sequence[int] = (), batch_size: int = 1) -> list[list[int]]:
         """`generate_until` for many contexts; a backend that can decode rows side by side overrides it."""
-        return [self.generate_until(c, max_new_tokens=max_new_tokens, max_length=max_length, stop=stop)
-                for c in contexts]
+        out = []
+        for c in contexts:
+            out.append(self.generate_until(c, max_new_tokens=max_new_tokens, max_length=max_length, stop=stop))
+            progress.advance(1, "item")
+        return out
 
     def generate_until(self, context: Sequence[int], *, max_new_tokens: int, max_length: int,
                        stop: Sequence[int] = ()) -> list[int]:

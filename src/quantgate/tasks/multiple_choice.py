@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import progress
+
 LETTERS = "ABCD"
 SCORING_RULES = ("acc", "acc_norm", "acc_pmi")
 NEUTRAL_PROMPT = "\n"  # the acc_pmi baseline context
@@ -79,19 +81,21 @@ def score_choices(backend, tokenizer, items: Sequence[ChoiceItem], *, shots: Seq
     `item_shots` gives each item its own (MMLU: examples of the item's subject)."""
     if scoring not in SCORING_RULES:
         raise ValueError(f"scoring must be one of {SCORING_RULES}, got {scoring!r}")
-    groups = []
-    for n, item in enumerate(items):
-        solved = item_shots[n] if item_shots is not None else shots
-        context = tokenizer(with_shots(item, solved), add_special_tokens=False)["input_ids"]
-        groups.append((context, [tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices]))
+    from ..tokencache import encode_texts
+
+    prompts = [with_shots(item, item_shots[n] if item_shots is not None else shots) for n, item in enumerate(items)]
+    contexts = encode_texts(tokenizer, prompts)
+    choices = iter(encode_texts(tokenizer, [c for item in items for c in item.choices]))
+    groups = [(context, [next(choices) for _ in item.choices]) for context, item in zip(contexts, items, strict=True)]
     # the context forwarded once per item, shared by its choices (backends/hf.py)
     results = backend.loglikelihood_grouped(groups, max_length=max_length, batch_size=batch_size)
     scores = np.array([ll for group in results for ll, _ in group])
     if scoring == "acc_pmi":  # every choice under the one neutral prompt: one group, each distinct choice once
-        neutral = tokenizer(NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]
+        (neutral,) = encode_texts(tokenizer, [NEUTRAL_PROMPT])
         distinct = list(dict.fromkeys(tuple(c) for _, conts in groups for c in conts))
-        (prior,) = backend.loglikelihood_grouped([(neutral, [list(c) for c in distinct])], max_length=max_length,
-                                                 batch_size=batch_size)
+        with progress.quiet():  # not an item of the task
+            (prior,) = backend.loglikelihood_grouped([(neutral, [list(c) for c in distinct])], max_length=max_length,
+                                                     batch_size=batch_size)
         by_choice = dict(zip(distinct, (ll for ll, _ in prior), strict=True))
         scores = scores - np.array([by_choice[tuple(c)] for _, conts in groups for c in conts])
     if scoring == "acc_norm":
