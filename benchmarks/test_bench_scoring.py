@@ -120,3 +120,83 @@ def test_generation_side_by_side_against_one_at_a_time(benchmark, backend, evalu
                                  rounds=2, iterations=1)
     benchmark.extra_info.update(alone_seconds=round(alone, 3), speedup=round(alone / benchmark.stats.stats.min, 2))
     assert batched == [backend.generate_until(c, **kwargs) for c in contexts]
+
+
+def test_perplexity_scoring_against_a_plain_forward_pass(benchmark, backend, stream):
+    """The perplexity engine (loglikelihood_rolling: windows, forward, log-softmax of the scored rows, gathers)
+    against the forward passes alone over the same windows and batches (the model's logits, nothing more),
+    interleaved round by round in this run: the engine keeps at least 0.9 of the plain forward's speed."""
+    import time
+
+    import torch
+
+    from quantgate.perplexity import plan_windows
+
+    windows = plan_windows(len(stream), 256, 128)
+    ids = torch.as_tensor(np.asarray(stream, dtype=np.int64))
+    batches = [windows[i:i + 4] for i in range(0, len(windows), 4)]
+
+    def plain():
+        with torch.inference_mode():
+            for batch in batches:
+                width = max(w.end - w.begin for w in batch)
+                inputs = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros_like(inputs)
+                for row, w in enumerate(batch):
+                    inputs[row, :w.end - w.begin] = ids[w.begin:w.end]
+                    mask[row, :w.end - w.begin] = 1
+                _ = backend.model(input_ids=inputs, attention_mask=mask).logits  # every position's logits
+
+    def engine():
+        return backend.loglikelihood_rolling(stream, max_length=256, stride=128, batch_size=4, top_k=8)
+
+    engine(), plain()  # warm both
+    forward, scoring = float("inf"), float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        plain()
+        forward = min(forward, time.perf_counter() - started)
+        started = time.perf_counter()
+        engine()
+        scoring = min(scoring, time.perf_counter() - started)
+    benchmark.pedantic(engine, rounds=1, iterations=1)
+    benchmark.extra_info.update(forward_seconds=round(forward, 3), engine_seconds=round(scoring, 3),
+                                ratio=round(forward / scoring, 3), windows=len(windows))
+    assert forward / scoring >= 0.9, f"the engine runs at {forward / scoring:.2f} of a plain forward pass"
+
+
+def test_token_cache_hit_against_tokenizing(benchmark, evaluator, tmp_path):
+    """A corpus's ids read from the on-disk token cache (a new process: memory cleared) against tokenizing it,
+    side by side in this run."""
+
+    from quantgate import tokencache
+    from quantgate.corpus import tokenize
+
+    corpus = evaluator.corpus("prose")
+    tokenizer = evaluator.reference_tokenizer("demo")
+    previous = tokencache.root()
+    tokencache.use(tmp_path)
+    try:
+        def cold():
+            tokencache.use(None)
+            tokencache.clear_memory()
+            try:
+                return tokenize(corpus, tokenizer, add_bos=False, token_cap=None)
+            finally:
+                tokencache.use(tmp_path)
+
+        def hit():
+            tokencache.clear_memory()
+            return tokenize(corpus, tokenizer, add_bos=False, token_cap=None)
+
+        hit()  # fills the cache
+        tokenizing = _min_seconds(cold, rounds=3)
+        result = benchmark.pedantic(hit, rounds=3, iterations=1)
+        reading = benchmark.stats.stats.min
+    finally:
+        tokencache.use(previous)
+        tokencache.clear_memory()
+    benchmark.extra_info.update(tokenize_seconds=round(tokenizing, 4), cache_seconds=round(reading, 4),
+                                speedup=round(tokenizing / reading, 1))
+    assert np.array_equal(result.ids, cold().ids)
+    assert tokenizing / reading >= 2, f"reading the cache is only {tokenizing / reading:.1f}x faster than tokenizing"
