@@ -241,6 +241,7 @@ def record_measurement(record: Record, m, parameters: int | None) -> None:
     """What the record keeps of a measurement: protocol, tokens, kernels, tokenizer, size and timings."""
     record.protocol_fingerprint, record.tokens_scored = m.protocol.fingerprint, m.scores.n
     record.kernels = m.description.get("kernels", [])
+    record.placement = m.description.get("placement")
     record.tokenizer = m.description.get("tokenizer")
     record.size_bytes, record.load_seconds = m.description.get("size_bytes"), m.description.get("load_seconds")
     if record.size_bytes and parameters:

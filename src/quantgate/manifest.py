@@ -21,6 +21,7 @@ else:  # pragma: no cover
 
 from .backends import DEFAULT_BACKEND, backend_names, get_backend
 from .errors import ManifestError
+from .placement import Placement, parse_placement
 
 MANIFEST_NAME = "quantgate.toml"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -98,6 +99,7 @@ class Variant:
     # "own": a checkpoint's own tokenizer must cut the corpora as the reference's does; "reference": score it
     # with the reference's tokenizer (allowed when the vocabularies are identical string for string; recorded)
     tokenizer: str = "own"
+    placement: Placement = Placement()  # its own keys; Workspace.placement adds its model's
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class ReferenceModel:
     reversal_tolerance: float = 0.005
     gguf: Path | None = None  # F16 GGUF of the reference for the llama.cpp backend; None: built from `path`
     tasks: tuple[str, ...] = ()
+    placement: Placement = Placement()  # device_map / max_memory / offload_folder, n_gpu_layers ...: placement.py
 
     def backends(self) -> tuple[str, ...]:
         """The backends whose reference baselines this model needs (transformers always)."""
@@ -339,15 +342,33 @@ def _variant(t: _Table, root: Path) -> Variant:
         min_top1=t.take("min_top1", (int, float), None),
         max_drop=_max_drops(t),
         tokenizer=t.take("tokenizer", str, "own", choices=TOKENIZER_CHOICES),
+        placement=parse_placement(t, root),
     )
     t.done()
     engine = get_backend(variant.backend)
     if not engine.scores(variant.format):
         raise ManifestError(t.file, t.key("backend"), f"{engine.name} scores {', '.join(engine.formats).upper()} files only; "
                             f"variant {variant.name!r} is {variant.format!r}")
+    _check_placement(t, variant, variant.placement.keys(), own=True)
     if variant.path is None and variant.recipe is None:
         raise ManifestError(t.file, t.where, f"variant {variant.name!r} needs a path or a recipe")
     return variant
+
+
+def _check_placement(t: _Table, variant: Variant, keys: tuple[str, ...], *, own: bool) -> None:
+    """A variant's placement keys (its own, or its model's that its backend takes) must suit its backend and format."""
+    engine = get_backend(variant.backend)
+    foreign = [k for k in keys if k not in engine.placement_keys]
+    if foreign and own:
+        takes = ", ".join(engine.placement_keys) or "no placement keys"
+        raise ManifestError(t.file, t.key(foreign[0]), f"variant {variant.name!r} is scored by {engine.name}, which "
+                            f"takes {takes}")
+    placed = [k for k in keys if k in engine.placement_keys]
+    if placed and engine.placement_formats is not None and variant.format not in engine.placement_formats:
+        where = t.key(placed[0]) if own else f"{t.where}.{placed[0]}"
+        raise ManifestError(t.file, where, f"variant {variant.name!r}: quantgate cannot split or offload a "
+                            f"{variant.format!r} checkpoint with {engine.name} (it places "
+                            f"{', '.join(engine.placement_formats)} checkpoints); load it whole")
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -449,11 +470,14 @@ def _model(name: str, mt: _Table, root: Path, corpora: dict, tasks: dict, global
     }
     thresholds_t = mt.table("thresholds")
     thresholds = {k: float(thresholds_t.take(k, (int, float))) for k in list(thresholds_t.data)}
+    placement = parse_placement(mt, root)
+    for variant in variants:  # the model's keys apply to the variants whose backend takes them
+        _check_placement(mt, variant, placement.keys(), own=False)
     model = ReferenceModel(
         name=name, path=root / m_path, format=m_format, corpora=m_corpora, variants=variants,
         protocol=protocol, profiles=profiles, thresholds=thresholds,
         reversal_tolerance=float(mt.take("reversal_tolerance", (int, float), reversal_tolerance)),
-        gguf=root / m_gguf if m_gguf else None, tasks=m_tasks,
+        gguf=root / m_gguf if m_gguf else None, tasks=m_tasks, placement=placement,
     )
     mt.done()
     return model

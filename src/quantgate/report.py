@@ -46,6 +46,7 @@ class Record:
     interval: list[float] | None = None  # 95% interval of `value` (KL / top-1 records)
     distribution: dict[str, Any] | None = None  # paired statistics against FP16 (stats.PairedComparison)
     capability: str | None = None  # task records: what the task's score stands for
+    placement: dict[str, Any] | None = None  # where its layers went (device_map, offload, n_gpu_layers): not protocol
 
 
 @dataclass

@@ -66,7 +66,8 @@ class Residency:
             path, fmt, what = self._variant_source(model, variant)
         with progress.stage(f"{model}/{variant or 'reference'}: loading"):
             loaded = load_checkpoint(path, fmt=fmt, dtype=self.ws.settings(model).dtype, device=self.ws.device,
-                                     what=what, tokenizer_path=ref.path, backend=backend)
+                                     what=what, tokenizer_path=ref.path, backend=backend,
+                                     placement=self.ws.placement(model, variant, backend))
         if variant is not REFERENCE:
             v = self.ws.variant(model, variant)
             loaded.description.update(bits=v.bits, group_size=v.group_size, desc_act=v.desc_act,

@@ -50,6 +50,14 @@ class Workspace:
     def backend_of(self, model: str, variant: str | None) -> str:
         return DEFAULT_BACKEND if variant is REFERENCE else self.variant(model, variant).backend
 
+    def placement(self, model: str, variant: str | None, backend: str):
+        """Where the case's layers go (placement.py): the variant's keys over its model's that the backend takes."""
+        from .placement import Placement
+
+        engine, ref = get_backend(backend), self.model(model)
+        inherited = Placement(**{k: getattr(ref.placement, k) for k in ref.placement.keys() if k in engine.placement_keys})
+        return inherited if variant is REFERENCE else self.variant(model, variant).placement.over(inherited)
+
     def require_backend(self, model: str, variant: str | None) -> None:
         """Fail fast (as a skip) when a variant's backend or format library is missing, before looking for baselines."""
         if variant is not REFERENCE:

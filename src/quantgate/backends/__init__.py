@@ -29,6 +29,8 @@ class Backend:
     numerics: Callable[[str, str], dict[str, str]]  # (manifest dtype, device) -> the protocol's dtype/device_class[/kernels]
     reference: Callable[[Any, Any, str], tuple[Path, str, str]]  # (manifest, model, sha) -> (path, format, label)
     provenance: Callable[[Any, Any, str], dict[str, Any]] = lambda manifest, ref, sha: {}  # a baseline's extra record
+    placement_keys: tuple[str, ...] = ()  # the manifest's placement keys its loader takes (placement.py)
+    placement_formats: tuple[str, ...] | None = None  # formats it can place that way; None: every format it scores
 
     @property
     def is_default(self) -> bool:

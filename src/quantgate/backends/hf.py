@@ -193,10 +193,11 @@ def _continuations(backend: TransformersBackend, conts, owners, lengths, context
     return out
 
 
-def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None):
+def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None, placement=None):
     from ..checkpoints.loading import load_with_transformers
 
-    return load_with_transformers(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path)
+    return load_with_transformers(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path,
+                                  placement=placement)
 
 
 def _require(fmt: str, what: str) -> None:
@@ -216,10 +217,13 @@ def _reference(manifest, ref, reference_sha256: str):
 
 
 def _register():
+    from ..placement import TRANSFORMERS_KEYS
     from . import DEFAULT_BACKEND, Backend, register_backend
 
+    # accelerate dispatches plain and dequantized-GGUF weights; the quantized kernels are loaded whole
     return register_backend(Backend(name=DEFAULT_BACKEND, suffix="", formats=None, load=_load, require=_require,
-                                    numerics=_numerics, reference=_reference))
+                                    numerics=_numerics, reference=_reference, placement_keys=TRANSFORMERS_KEYS,
+                                    placement_formats=("fp16", "bf16", "fp32", "gguf")))
 
 
 BACKEND = _register()

@@ -58,7 +58,7 @@ class LlamaCppBackend(ScoringBackend):
     name = "llama.cpp"
     flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED (NUMERICS); -1 is llama.cpp's per-device "auto"
 
-    def __init__(self, gguf_path: Path, *, n_threads: int | None = None, n_ctx: int = 0):
+    def __init__(self, gguf_path: Path, *, n_threads: int | None = None, n_ctx: int = 0, placement=None):
         lc = _import_llama_cpp()
         self._lc = lc
         self.path = Path(gguf_path)
@@ -68,6 +68,8 @@ class LlamaCppBackend(ScoringBackend):
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0
+        self.placement = placement.record() if placement is not None else None
+        shares = _place(lc, params, placement) if placement is not None else None  # noqa: F841 (alive until loaded)
         params.use_extra_bufts = False  # no CPU weight repacking (AMX / aarch64 paths)
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
@@ -86,7 +88,8 @@ class LlamaCppBackend(ScoringBackend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cpu", "n_threads": self.n_threads,
-                "llama_cpp_python": getattr(self._lc, "__version__", "?")}
+                "llama_cpp_python": getattr(self._lc, "__version__", "?"),
+                **({"placement": self.placement} if self.placement else {})}
 
     def _context(self, n_tokens: int):
         """A context whose cache and batch hold a whole window; rebuilt only when a longer one comes."""
@@ -193,7 +196,7 @@ class LlamaCppBackend(ScoringBackend):
             pass
 
 
-def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None):
+def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None, placement=None):
     """The llama.cpp backend's loader: a GGUF file scored by llama.cpp's own kernels."""
     from ..checkpoints.loading import LoadedCheckpoint, gguf_file
     from ..errors import LoadAuditError
@@ -204,7 +207,7 @@ def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=
     # llama-cpp-python would need its own protocol device class).
     started = time.perf_counter()
     try:
-        backend = LlamaCppBackend(file)
+        backend = LlamaCppBackend(file, placement=placement)
     except RuntimeError as exc:
         raise LoadAuditError(f"{what}: {exc} (llama.cpp refuses files with missing or malformed tensors; "
                              "its log says which)") from exc
@@ -219,9 +222,27 @@ def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=
         "size_bytes": file.stat().st_size,
         "tokenizer_from": str(file),
         "gguf_tensor_types": gguf_tensor_types(file),
+        "placement": backend.placement,
     }
     return LoadedCheckpoint(model=backend, tokenizer=None, description=description, backend=backend,
                             vocabulary=backend.vocabulary())
+
+
+def _place(lc, params, placement):
+    """A variant's n_gpu_layers, split_mode and tensor_split, as llama.cpp's model parameters take them. The PyPI
+    build of llama-cpp-python is CPU-only: there llama.cpp accepts them and keeps every layer on the CPU."""
+    if placement.n_gpu_layers is not None:
+        params.n_gpu_layers = placement.n_gpu_layers
+    if placement.split_mode is not None:
+        params.split_mode = {"none": lc.LLAMA_SPLIT_MODE_NONE, "layer": lc.LLAMA_SPLIT_MODE_LAYER,
+                             "row": lc.LLAMA_SPLIT_MODE_ROW}[placement.split_mode]
+    if placement.tensor_split is not None:
+        import ctypes
+
+        shares = (ctypes.c_float * max(len(placement.tensor_split), lc.LLAMA_MAX_DEVICES))(*placement.tensor_split)
+        params.tensor_split = shares
+        return shares  # the caller keeps it alive until the model is loaded
+    return None
 
 
 def _require(fmt: str, what: str) -> None:
@@ -250,11 +271,12 @@ def _provenance(manifest, ref, reference_sha256: str) -> dict:
 
 
 def _register():
+    from ..placement import LLAMA_CPP_KEYS
     from . import Backend, register_backend
 
     return register_backend(Backend(name=LlamaCppBackend.name, suffix=".llamacpp", formats=("gguf",), load=_load,
                                     require=_require, numerics=_numerics, reference=_reference,
-                                    provenance=_provenance))
+                                    provenance=_provenance, placement_keys=LLAMA_CPP_KEYS))
 
 
 BACKEND = _register()

@@ -160,12 +160,28 @@ def audit_finite(model, what: str) -> None:
     import torch
 
     bad = []
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(_finite_checkable(tensor)).all()):
-            bad.append(name)
+    for prefix, module in _weights_by_module(model):
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(_finite_checkable(tensor)).all()):
+                bad.append(f"{prefix}.{name}" if prefix else name)
     if bad:
         raise LoadAuditError(f"{what} has NaN/Inf weights in: {', '.join(bad[:10])}"
                              + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+
+
+def _weights_by_module(model):
+    """(name, module) for every module, its weights in memory while it is yielded: a module accelerate offloaded
+    (to CPU memory or disk) has them brought back for the audit and put away again."""
+    dispatched = getattr(model, "hf_device_map", None) is not None
+    for name, module in model.named_modules():
+        if dispatched:
+            from accelerate.utils import align_module_device, has_offloaded_params
+
+            if has_offloaded_params(module):
+                with align_module_device(module, execution_device="cpu"):
+                    yield name, module
+                continue
+        yield name, module
 
 
 def _quantized_kernels(model) -> list[str]:
@@ -190,7 +206,8 @@ def gguf_file(path: Path, what: str) -> Path:
 
 
 def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
-                    tokenizer_path: Path | None = None, backend: str = "transformers") -> LoadedCheckpoint:
+                    tokenizer_path: Path | None = None, backend: str = "transformers",
+                    placement=None) -> LoadedCheckpoint:
     """Load one checkpoint for scoring; raise CheckpointMissing or LoadAuditError, never half-load."""
     if fmt not in LOADABLE_FORMATS:
         raise LoadAuditError(f"{what}: no loader for format {fmt!r} yet (supported: {', '.join(LOADABLE_FORMATS)})")
@@ -199,23 +216,25 @@ def load_checkpoint(path: Path | None, *, fmt: str, dtype: str, device: str, wha
     engine = get_backend(backend)
     if not engine.scores(fmt):
         raise LoadAuditError(f"{what}: backend {backend!r} cannot load format {fmt!r}")
-    return engine.load(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path)
+    placed = {"placement": placement} if placement is not None and placement.keys() else {}
+    return engine.load(path, fmt=fmt, dtype=dtype, device=device, what=what, tokenizer_path=tokenizer_path, **placed)
 
 
 def load_with_transformers(path: Path | None, *, fmt: str, dtype: str, device: str, what: str,
-                           tokenizer_path: Path | None = None) -> LoadedCheckpoint:
-    """The transformers backend's loader: every loadable format, GGUF dequantized to `dtype`."""
+                           tokenizer_path: Path | None = None, placement=None) -> LoadedCheckpoint:
+    """The transformers backend's loader: every loadable format, GGUF dequantized to `dtype`; with a placement
+    (placement.py), accelerate spreads the layers over devices, CPU memory and disk."""
     if fmt == "gguf":
         file = gguf_file(path, what)
         return _load_hf(file.parent, fmt=fmt, dtype=dtype, device=device, what=what,
-                        tokenizer_path=tokenizer_path, gguf=file)
+                        tokenizer_path=tokenizer_path, gguf=file, placement=placement)
     require_format_library(fmt, what)
     return _load_hf(_require(path, what), fmt=fmt, dtype=dtype, device=device, what=what,
-                    tokenizer_path=tokenizer_path)
+                    tokenizer_path=tokenizer_path, placement=placement)
 
 
 def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path: Path | None,
-             gguf: Path | None = None) -> LoadedCheckpoint:
+             gguf: Path | None = None, placement=None) -> LoadedCheckpoint:
     """Load a checkpoint with transformers (a GGUF dequantized), audit it and describe how it was loaded."""
     quiet_optional_libraries()
     from transformers import AutoModelForCausalLM
@@ -224,7 +243,8 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
     started = time.perf_counter()
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the audit below reports what the warnings would have said
-    kwargs = dict(dtype=_torch_dtype(dtype), device_map=device, output_loading_info=True)
+    kwargs = {"dtype": _torch_dtype(dtype), "device_map": device, "output_loading_info": True,
+              **(placement.transformers_kwargs() if placement is not None else {})}
     if gguf is not None:
         kwargs["gguf_file"] = gguf.name  # transformers dequantizes every tensor to `dtype`
     legacy = legacy_gptq_config(path) if fmt == "gptq" and path.is_dir() else None
@@ -247,10 +267,30 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
     description = _describe_hf_load(model, path, fmt=fmt, dtype=dtype, device=device, started=started, tok_dir=tok_dir,
                                     gguf=gguf, weights_digest=weights_digest, compressed=compressed, legacy=legacy,
                                     tolerated=tolerated)
+    placed = placement is not None and bool(placement.transformers_kwargs())
+    if placed:
+        description["placement"] = {**placement.record(), "layers": _placed_layers(model)}
     from ..backends.hf import TransformersBackend
 
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, description=description,
-                            backend=TransformersBackend(model, device))
+                            backend=TransformersBackend(model, _input_device(model) if placed else device))
+
+
+def _placed_layers(model) -> dict[str, int]:
+    """How many of the model's modules accelerate put on each device ("disk": offloaded)."""
+    counts: dict[str, int] = {}
+    for where in (getattr(model, "hf_device_map", None) or {}).values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    return counts
+
+
+def _input_device(model) -> str:
+    """Where a dispatched model takes its input ids: the first GPU it uses, else the CPU (accelerate's hooks move
+    activations between the devices, and weights in from CPU memory or disk)."""
+    gpus = [str(d) for d in (getattr(model, "hf_device_map", None) or {}).values() if str(d) not in ("cpu", "disk")]
+    if not gpus:
+        return "cpu"
+    return f"cuda:{gpus[0]}" if gpus[0].isdigit() else gpus[0]
 
 
 def _audit_hf_model(model, info: dict[str, Any], path: Path, *, fmt: str, what: str):
