@@ -117,3 +117,25 @@ def test_kills_at_20_random_moments_leave_a_whole_baseline(project):
         assert now in (project["old"], project["new"])
         seen.append("new" if now == project["new"] else "old")
     assert "old" in seen  # some kills came before the commit
+
+
+def test_baseline_runs_at_once_on_one_store_leave_complete_readable_baselines(project):
+    """Four `quantgate baseline --force` runs on one store at the same moment (two of them on the same baseline,
+    one on every profile): each ends well, and every stored baseline reads back whole, its arrays present."""
+    restore(project)
+    manifest = str(project["manifest"])
+    runs = [["--corpus", "code", "--profile", "fast"], ["--corpus", "code", "--profile", "fast"],
+            ["--corpus", "prose", "--profile", "fast"], ["--all-profiles"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "quantgate.cli", "baseline", "--manifest", manifest, "--force", *r],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in runs]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
+    stored = sorted((project["root"] / "baselines").rglob("*.json"))
+    assert {p.name for p in stored} >= {"code.fast.json", "prose.fast.json", "code.full.json", "prose.full.json"}
+    for path in stored:
+        if path.parent.name == "tasks":
+            continue
+        state(path)  # raises if unreadable, inconsistent, or its arrays file is gone
+    assert state(project["path"]) == project["new"]
+    leftovers = [p for p in (project["root"] / "baselines").rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert not leftovers, leftovers

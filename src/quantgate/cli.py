@@ -5,6 +5,7 @@
   quantgate protocol [--model M] [--corpus C] [--profile P]
   quantgate report QUALITY.json [--readme docs/demo.md]
   quantgate compare OLD.json NEW.json [--json OUT.json] [--markdown OUT.md]
+  quantgate merge SHARD.json ... [--json OUT.json] [--summary OUT.md]
 """
 
 from __future__ import annotations
@@ -274,6 +275,27 @@ def cmd_compare(args) -> int:
     return result.exit_status()
 
 
+def cmd_merge(args) -> int:
+    """The shards of one run joined: one summary, one JSON, one exit status (shard.py)."""
+    from .report import RunReport
+    from .shard import check_shards, merged_status
+
+    runs = [(Path(p), read_run(p)) for p in args.shards]
+    check_shards([(path, {"shard": run.shard, "profile": run.profile}) for path, run in runs])
+    first = runs[0][1]
+    merged = RunReport(profile=first.profile, device=first.device, environment=first.environment,
+                       environment_changes={k: v for _, run in runs for k, v in run.environment_changes.items()},
+                       builds={k: v for _, run in runs for k, v in run.builds.items()},
+                       records=[r for _, run in sorted(runs, key=lambda pr: pr[1].shard["index"]) for r in run.records])
+    merged.write(Path(args.json_out) if args.json_out else None, Path(args.summary) if args.summary else None)
+    print(merged.markdown())
+    statuses = [run.shard.get("exit_status", 0) for _, run in runs]
+    status = merged_status(statuses)
+    print(f"quantgate merge: {len(runs)} shards, {len(merged.records)} records, exit status {status} "
+          f"(shards: {', '.join(map(str, statuses))})")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
 
@@ -325,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="write the comparison as JSON")
     cp.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown shown here to a file")
     cp.set_defaults(func=cmd_compare)
+    mp = sub.add_parser("merge", help="join the --quality-json reports of a run's shards (--quality-shard K/N): one "
+                        "summary, JSON and exit status; refuses missing, repeated or mismatched shards")
+    mp.add_argument("shards", nargs="+", help="every shard's --quality-json file")
+    mp.add_argument("--json", dest="json_out", default=None, metavar="PATH", help="write the merged JSON report")
+    mp.add_argument("--summary", default="reports/quality-summary.md", metavar="PATH",
+                    help="write the merged Markdown summary (default: %(default)s)")
+    mp.set_defaults(func=cmd_merge)
     return parser
 
 

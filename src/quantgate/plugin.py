@@ -47,6 +47,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--quality-summary", dest="quality_summary", metavar="PATH",
                     default="reports/quality-summary.md",
                     help="Markdown summary file (default: %(default)s; also appended to $GITHUB_STEP_SUMMARY)")
+    group.addoption("--quality-shard", dest="quality_shard", metavar="K/N", default=None,
+                    help="run shard K of N: whole variants, the same split on every machine; join the shards' "
+                         "--quality-json reports with `quantgate merge`")
+    group.addoption("--quality-shard-times", dest="quality_shard_times", metavar="JSON", default=None,
+                    help="a previous run's --quality-json: shards balanced by each variant's measured time")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -152,6 +157,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if groups:
         order = {id(it): (groups.get(_group(it), -1), i) for i, it in enumerate(items)}
         items.sort(key=lambda it: order[id(it)])
+    if config.option.quality_shard:
+        _keep_shard(config, items)
+
+
+def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--quality-shard K/N: deselect every check of the variants other shards run (checks of no variant, the
+    protocol snapshots, run on shard 1)."""
+    from .shard import ShardSpec, assign, group_name, measured_costs, shard_record
+
+    state = _state(config)
+    try:
+        spec = ShardSpec.parse(config.option.quality_shard)
+        costs = measured_costs(config.option.quality_shard_times)
+    except QuantgateError as exc:
+        raise OptionError(str(exc)) from None
+    checks = collections.Counter(group_name(g) for g in map(_group, items) if g is not None)
+    assignment = assign(dict(checks), spec.count, costs)
+
+    def mine(item) -> bool:
+        g = _group(item)
+        return spec.index == 1 if g is None else assignment[group_name(g)] == spec.index
+
+    others = [it for it in items if not mine(it)]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [it for it in items if mine(it)]
+    state.shard = shard_record(spec, assignment, state.manifest().path, Path(config.rootpath))
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ class RunReport:
     environment: dict[str, Any] = field(default_factory=dict)
     environment_changes: dict[str, list[str]] = field(default_factory=dict)  # baseline path -> changes
     builds: dict[str, str] = field(default_factory=dict)  # "model/variant" -> how its build differs from the recorded one
+    shard: dict[str, Any] | None = None  # --quality-shard: which part of which run (shard.py), and its exit status
 
     def to_json(self) -> str:
         from . import __version__
@@ -64,6 +65,7 @@ class RunReport:
         return json.dumps({
             "quantgate": __version__, "profile": self.profile, "device": self.device,
             "environment": self.environment, "environment_changes": self.environment_changes, "builds": self.builds,
+            **({"shard": self.shard} if self.shard is not None else {}),
             "records": [asdict(r) for r in self.records],
         }, indent=2) + "\n"
 
@@ -85,6 +87,7 @@ class RunReport:
         fields = set(Record.__dataclass_fields__)
         return cls(profile=doc["profile"], device=doc["device"], environment=doc.get("environment", {}),
                    environment_changes=doc.get("environment_changes", {}), builds=doc.get("builds", {}),
+                   shard=doc.get("shard"),
                    records=[Record(**{k: v for k, v in r.items() if k in fields}) for r in doc["records"]])
 
     def write(self, json_path: Path | None, markdown_path: Path | None) -> None:

@@ -91,6 +91,7 @@ class QualitySession:
     _manifest: Any = None
     _table: Any = None
     progress: Progress = field(default_factory=Progress)
+    shard: dict[str, Any] | None = None  # this run's part of a sharded run (shard.py)
     evaluator: Any = None
     report: Any = None
 
@@ -165,11 +166,19 @@ class QualitySession:
             (self.untestable if untestable else self.bad).append(nodeid)
 
     def finish(self, pytest_status: int) -> int:
-        """Write the reports and return the run's exit status."""
-        if self.report is not None and self.report.records:
+        """Write the reports and return the run's exit status (a shard's JSON records it, for the merge)."""
+        status = exit_status(pytest_status, bad=len(self.bad), untestable=len(self.untestable),
+                             skipped=len(self.skipped), bisect=self.bisect, strict=self.strict)
+        if self.shard is not None:
+            if self.report is None:
+                from .report import RunReport
+
+                self.report = RunReport(profile=self.profile, device=self.device_option)
+            self.report.shard = {**self.shard, "exit_status": status}
             self.report.write(self.json_path, self.summary_path)
-        return exit_status(pytest_status, bad=len(self.bad), untestable=len(self.untestable),
-                           skipped=len(self.skipped), bisect=self.bisect, strict=self.strict)
+        elif self.report is not None and self.report.records:
+            self.report.write(self.json_path, self.summary_path)
+        return status
 
     def closing_lines(self, *, quiet: bool = False) -> list[tuple[str, bool]]:
         """(line, red) for the end of the terminal report; quiet (-q -q) keeps the strict-mode line only."""
