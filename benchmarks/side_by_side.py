@@ -49,7 +49,7 @@ from quantgate.manifest import load_manifest
 tree, model, variant = sys.argv[1], sys.argv[2], sys.argv[3]
 ev = Evaluator(manifest=load_manifest(Path(tree) / "quantgate.toml"), profile="full", device="cpu")
 loaded = ev.checkpoint(model, variant)
-if getattr(loaded, "model", None) is not None:
+if hasattr(getattr(loaded, "model", None), "forward"):
     import torch
     loaded.model.forward = timed(loaded.model.forward)
 out = {"ppl": {}, "task": {}}
