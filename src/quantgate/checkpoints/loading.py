@@ -172,16 +172,17 @@ def audit_finite(model, what: str) -> None:
 def _weights_by_module(model):
     """(name, module) for every module, its weights in memory while it is yielded: a module accelerate offloaded
     (to CPU memory or disk) has them brought back for the audit and put away again."""
-    dispatched = getattr(model, "hf_device_map", None) is not None
-    for name, module in model.named_modules():
-        if dispatched:
-            from accelerate.utils import align_module_device, has_offloaded_params
+    if getattr(model, "hf_device_map", None) is None:
+        yield from model.named_modules()
+        return
+    from accelerate.utils import align_module_device, has_offloaded_params
 
-            if has_offloaded_params(module):
-                with align_module_device(module, execution_device="cpu"):
-                    yield name, module
-                continue
-        yield name, module
+    for name, module in model.named_modules():
+        if has_offloaded_params(module):
+            with align_module_device(module, execution_device="cpu"):
+                yield name, module
+        else:
+            yield name, module
 
 
 def _quantized_kernels(model) -> list[str]:
