@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .errors import CannotTest, ManifestError, QuantgateError
-from .session import BISECT_ABORT, BISECT_SKIP, QualitySession
+from .session import BISECT_ABORT, BISECT_SKIP, CONTROLLER, SERIAL, WORKER, QualitySession
 
 DEVICE_SYNTAX = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--quality-shard", dest="quality_shard", metavar="K/N", default=None,
                     help="run shard K of N: whole variants, the same split on every machine; join the shards' "
                          "--quality-json reports with `quantgate merge`")
+    group.addoption("--quality-devices", dest="quality_devices", metavar="LIST", default=None,
+                    help="with pytest-xdist (-n N): the devices workers take in turn, e.g. cuda:0,cuda:1 (default: every "
+                         "visible CUDA device, else the CPU, its cores shared out among the workers)")
     group.addoption("--quality-shard-times", dest="quality_shard_times", metavar="JSON", default=None,
                     help="a previous run's --quality-json: shards balanced by each variant's measured time")
 
@@ -68,11 +71,22 @@ def pytest_configure(config: pytest.Config) -> None:
         summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
         rootdir=Path(config.rootpath), exact_kl=opt.quality_exact_kl,
     )
+    _configure_workers(config)
     try:  # the manifest and the table, before anything is collected or measured
         _state(config).configure()
         known = _state(config).manifest().profile_names() if opt.quality_profile is not None else ()
     except QuantgateError as exc:  # ManifestError, a broken acceptability table
         raise pytest.UsageError(str(exc)) from None
+    if _state(config).role == CONTROLLER:
+        if not _state(config).in_use():  # not quantgate's run: xdist schedules as it would
+            _state(config).role = SERIAL
+        else:
+            from .parallel import Controller, Groups
+
+            _state(config).controller = Controller(Groups.of(_state(config).manifest()))
+            if config.option.dist == "load":  # -n N alone: a variant's checks stay together on one worker
+                config.option.dist = "loadgroup"
+            config.pluginmanager.register(_Controller(config), "quantgate-xdist-controller")
     if opt.quality_profile is not None:
         if opt.quality_profile not in known:
             raise OptionError(f"--quality-profile {opt.quality_profile!r}: the manifest has no such profile "
@@ -81,6 +95,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _state(config: pytest.Config) -> QualitySession:
     return config.stash[STATE]
+
+
+def _configure_workers(config: pytest.Config) -> None:
+    """pytest-xdist: this process is a worker (bound to a device) or the controller (gathers the records)."""
+    from . import parallel
+
+    state = _state(config)
+    try:
+        devices = parallel.parse_devices(config.option.quality_devices)
+    except QuantgateError as exc:
+        raise OptionError(str(exc)) from None
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        state.role = WORKER
+        state.worker = parallel.Worker(parallel.worker_index(workerinput), int(workerinput.get("workercount", 1)),
+                                       devices)
+        if workerinput.get(parallel.DIST_KEY) == "loadgroup":  # chosen by the controller, not in the worker's args
+            config.option.loadgroup = True
+        if getattr(config.option, "loadgroup", False):
+            config.pluginmanager.register(_GroupMarks(), "quantgate-xdist-groups")
+    elif getattr(config.option, "dist", "no") != "no" and not config.option.collectonly:
+        state.role = CONTROLLER
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -200,13 +236,24 @@ def pytest_runtestloop(session: pytest.Session):
         pairs = [g for g in map(_group, session.items) if g is not None]
         _state(session.config).progress.total = dict(collections.Counter(pairs))  # after every deselection
         if pairs:
-            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-            write = reporter.write_line if reporter is not None else print
+            write = _line_writer(session.config)
             try:
                 _state(session.config).build(pairs, write)
             except ManifestError as exc:
                 raise pytest.UsageError(str(exc)) from None
     return (yield)
+
+
+def _line_writer(config: pytest.Config):
+    """Where a line for the user goes: the terminal report, or an xdist worker's standard error (its terminal
+    report goes nowhere), prefixed with the worker's id."""
+    import sys
+
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return lambda line: print(f"[{workerinput.get('workerid')}] {line}", file=sys.stderr, flush=True)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return reporter.write_line if reporter is not None else print
 
 
 @pytest.fixture(scope="session")
@@ -253,8 +300,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.failed and isinstance(exc, QuantgateError):
         report.longrepr = f"{type(exc).__name__}: {exc}"  # the message says it all; no traceback
     drift = item.get_closest_marker("quality_protocol") is not None
-    _state(item.config).record(item.nodeid, skipped=report.skipped and not hasattr(report, "wasxfail"),
-                               failed=report.failed, untestable=isinstance(exc, CannotTest) or drift)
+    state = _state(item.config)
+    untestable = isinstance(exc, CannotTest) or drift
+    state.record(item.nodeid, skipped=report.skipped and not hasattr(report, "wasxfail"), failed=report.failed,
+                 untestable=untestable)
+    if state.role == WORKER:  # to the controller, with this report (parallel.py)
+        from .parallel import PAYLOAD
+
+        report.user_properties.append((PAYLOAD, state.worker.handoff(state.report, untestable=untestable)))
     return report
 
 
@@ -271,6 +324,94 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if state.evaluator is not None:
             state.evaluator.release()  # the next test needs another model (or none)
         state.progress.finished(group)  # shown by pytest_runtest_logfinish, outside output capture
+
+
+class _GroupMarks:
+    """On an xdist worker under --dist loadgroup: every check of a (model, variant) marked as one group, before
+    xdist's own hook (a plain one) appends the group's name to the node ids; a mark added later is not seen."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        from .parallel import group_label
+
+        for item in items:
+            group = _group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group_label(group)))
+
+
+class _Controller:
+    """On the xdist controller: records and outcomes gathered from the workers' reports, the progress lines,
+    crashed checks made error rows (not run again), and each worker's session-level part (parallel.py)."""
+
+    def __init__(self, config: pytest.Config):
+        self.config, self.state = config, _state(config)
+
+    def _write(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(line)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        from .parallel import DIST_KEY
+
+        node.workerinput[DIST_KEY] = self.config.option.dist  # workers parse the command line, not our choice
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
+        """-n N alone or --dist loadgroup: a variant's checks go to one worker together."""
+        if config.option.dist != "loadgroup":
+            return None  # a mode the user chose (loadscope, loadfile, worksteal, each): theirs
+        from .parallel import make_scheduler
+
+        return make_scheduler(config, log, self.state.controller.groups)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        self.state.controller.collection(ids)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        from .parallel import PAYLOAD
+
+        payloads = [value for key, value in report.user_properties if key == PAYLOAD]
+        report.user_properties[:] = [(k, v) for k, v in report.user_properties if k != PAYLOAD]  # not for JUnit
+        plain, group = self.state.controller.groups.split(report.nodeid)
+        state, controller = self.state, self.state.controller
+        if report.when == "???" and group is not None:  # xdist's report of the check its worker crashed in
+            controller.lost(state.gathering(), report.nodeid, state.manifest(), str(report.longrepr))
+            state.record(plain, skipped=False, failed=True, untestable=True)
+        for payload in payloads:
+            untestable = controller.receive(state.gathering(), payload)
+            state.record(plain, skipped=report.skipped and not hasattr(report, "wasxfail"), failed=report.failed,
+                         untestable=untestable)
+        line = self.state.controller.report(report.nodeid, report.when, report.duration)
+        if line:
+            self._write(line)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report, sched) -> None:
+        """A check that crashed its worker is an error row, not run again on the next worker (loadgroup puts the
+        unfinished rest of its group back in the queue, this check included)."""
+        if self.state.controller.groups.split(crashitem)[1] is None:
+            return
+        queue = getattr(sched, "workqueue", None)
+        for scope, unit in list((queue or {}).items()):
+            if crashitem in unit:
+                unit[crashitem] = True
+                if all(unit.values()):
+                    del queue[scope]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        from .parallel import PAYLOAD
+
+        output = getattr(node, "workeroutput", None) or {}
+        if PAYLOAD in output:
+            shard = self.state.controller.receive_worker(self.state.gathering(), output[PAYLOAD])
+            self.state.shard = shard if shard is not None else self.state.shard
 
 
 class _ProgressLines:
@@ -338,7 +479,12 @@ def pytest_cmdline_main(config: pytest.Config):
 
 @pytest.hookimpl(trylast=True)  # after syrupy, which ORs its own status into the exit code
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    session.exitstatus = _state(session.config).finish(session.exitstatus)
+    state = _state(session.config)
+    session.exitstatus = state.finish(session.exitstatus)
+    if state.role == WORKER:  # xdist sends it to the controller once this hook returns
+        from .parallel import PAYLOAD
+
+        session.config.workeroutput[PAYLOAD] = state.worker.output(state.report, state.shard)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+SERIAL, WORKER, CONTROLLER = "serial", "worker", "controller"
 BISECT_SKIP = 125
 BISECT_ABORT = 255
 TESTS_FAILED = 1
@@ -94,6 +95,9 @@ class QualitySession:
     shard: dict[str, Any] | None = None  # this run's part of a sharded run (shard.py)
     evaluator: Any = None
     report: Any = None
+    role: str = SERIAL  # or WORKER / CONTROLLER of a pytest-xdist run (parallel.py)
+    worker: Any = None  # parallel.Worker on an xdist worker
+    controller: Any = None  # parallel.Controller on the xdist controller
 
     def manifest(self):
         if self._manifest is None:
@@ -136,7 +140,7 @@ class QualitySession:
             from .evaluation import Evaluator, resolve_device
             from .report import RunReport
 
-            device = resolve_device(self.device_option)
+            device = resolve_device(self.worker.device(self.device_option) if self.worker else self.device_option)
             self.evaluator = Evaluator(manifest=self.manifest(), profile=self.profile, device=device,
                                        exact_kl=self.exact_kl)
             self.report = RunReport(profile=self.profile, device=device, environment=self.evaluator.environment(),
@@ -148,6 +152,8 @@ class QualitySession:
         pairs = list(dict.fromkeys(pairs))
         if not pairs:
             return
+        if self.worker is not None:  # every worker walks the list from elsewhere: builds run side by side
+            pairs = self.worker.build_order(pairs)
         evaluator = self.start()
         for model, variant, what in evaluator.build(pairs):
             write(f"quantgate: build {model}/{variant}: {what}")
@@ -165,10 +171,25 @@ class QualitySession:
         elif failed:
             (self.untestable if untestable else self.bad).append(nodeid)
 
+    def gathering(self):
+        """On the xdist controller: the run's report, which the workers' records go into (parallel.Controller)."""
+        if self.report is None:
+            from .report import RunReport
+
+            self.report = RunReport(profile=self.profile, device=self.device_option)
+        return self.report
+
     def finish(self, pytest_status: int) -> int:
-        """Write the reports and return the run's exit status (a shard's JSON records it, for the merge)."""
+        """Write the reports and return the run's exit status (a shard's JSON records it, for the merge). An xdist
+        worker writes nothing: its controller does."""
+        if self.role == CONTROLLER:
+            for nodeid in self.controller.gather(self.gathering(), self.manifest()):  # checks that never reported
+                self.record(nodeid, skipped=False, failed=True, untestable=True)
+                pytest_status = pytest_status or TESTS_FAILED
         status = exit_status(pytest_status, bad=len(self.bad), untestable=len(self.untestable),
                              skipped=len(self.skipped), bisect=self.bisect, strict=self.strict)
+        if self.role == WORKER:
+            return status
         if self.shard is not None:
             if self.report is None:
                 from .report import RunReport
