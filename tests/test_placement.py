@@ -125,6 +125,9 @@ def test_llama_cpp_takes_its_gpu_keys_and_records_them(tiny_zoo_template, tmp_pa
         b = placed.loglikelihood_rolling(ids, max_length=64, stride=32, batch_size=1)
         assert placed.describe()["placement"] == {"n_gpu_layers": 99, "split_mode": "layer", "tensor_split": [1.0]}
         assert "placement" not in plain.describe()
+        import llama_cpp  # where this build can offload, the scoring device says so; the PyPI build cannot
+
+        assert placed.describe()["device"] == ("gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu")
     finally:
         plain.close()
         placed.close()

@@ -69,6 +69,8 @@ class LlamaCppBackend(ScoringBackend):
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0
         self.placement = placement.record() if placement is not None else None
+        offloads = bool(placement is not None and placement.n_gpu_layers) and bool(lc.llama_supports_gpu_offload())
+        self.device = "gpu" if offloads else "cpu"  # the PyPI build keeps every layer on the CPU whatever it is told
         shares = _place(lc, params, placement) if placement is not None else None  # noqa: F841 (alive until loaded)
         params.use_extra_bufts = False  # no CPU weight repacking (AMX / aarch64 paths)
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
@@ -87,7 +89,7 @@ class LlamaCppBackend(ScoringBackend):
         return [lc.llama_vocab_get_text(vocab, i).decode("utf-8", errors="replace") for i in range(self.n_vocab)]
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": "cpu", "n_threads": self.n_threads,
+        return {"backend": self.name, "device": self.device, "n_threads": self.n_threads,
                 "llama_cpp_python": getattr(self._lc, "__version__", "?"),
                 **({"placement": self.placement} if self.placement else {})}
 
