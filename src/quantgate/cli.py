@@ -231,6 +231,8 @@ def cmd_report(args) -> int:
     from .report import RunReport, replace_marked_section
 
     report = RunReport.from_json(Path(args.json).read_text())
+    if args.html or args.plots:
+        return _pictures(args, report)
     if args.marker == "demo-excerpt":
         table = report.excerpt_markdown()
     elif args.marker == "acceptability":
@@ -247,6 +249,34 @@ def cmd_report(args) -> int:
         print(f"{readme}: section {args.marker!r} updated")
     else:
         print(table)
+    return 0
+
+
+def _pictures_options(rp) -> None:
+    rp.add_argument("--html", default=None, metavar="PATH", help="write the self-contained HTML report (plots inline)")
+    rp.add_argument("--plots", default=None, metavar="DIR", help="write the plots (PNG and SVG) into DIR")
+    rp.add_argument("--manifest", type=Path, default=None, help="the run's quantgate.toml, for its acceptability table "
+                    "and protocol settings (default: search upwards)")
+
+
+def _pictures(args, report) -> int:
+    """`quantgate report JSON --html PATH / --plots DIR`: the plots and the HTML page of a finished run."""
+    from .manifest import find_manifest, load_manifest
+    from .thresholds import load_table
+
+    manifest = args.manifest or find_manifest(Path.cwd())
+    rows = load_table(load_manifest(manifest).table if manifest else None)
+    if args.html:
+        from . import htmlreport
+
+        written = htmlreport.write(Path(args.html), report, plots_dir=Path(args.plots or Path(args.html).parent),
+                                   rows=rows, manifest_path=manifest)
+    else:
+        from .plots import write_plots
+
+        written = write_plots(report.records, rows, Path(args.plots))
+    for path in written:
+        print(path)
     return 0
 
 
@@ -339,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="demo-summary (the run's summary), acceptability (the table's rows beside measured ratios) "
                          "or demo-excerpt (verdict counts per model and metric)")
     rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
+    _pictures_options(rp)
     rp.set_defaults(func=cmd_report)
     cp = sub.add_parser("compare", help="what changed between two --quality-json runs (exit 1 when a passing check "
                         "now fails)")

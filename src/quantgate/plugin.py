@@ -47,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--quality-summary", dest="quality_summary", metavar="PATH",
                     default="reports/quality-summary.md",
                     help="Markdown summary file (default: %(default)s; also appended to $GITHUB_STEP_SUMMARY)")
+    group.addoption("--quality-html", dest="quality_html", metavar="PATH", default=None,
+                    help="write a self-contained HTML report (summary, plots, failures, environment, protocol); the "
+                         "plots (PNG and SVG) go beside the Markdown summary")
     group.addoption("--quality-shard", dest="quality_shard", metavar="K/N", default=None,
                     help="run shard K of N: whole variants, the same split on every machine; join the shards' "
                          "--quality-json reports with `quantgate merge`")
@@ -70,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
         json_path=Path(opt.quality_json) if opt.quality_json else None,
         summary_path=Path(config.rootpath, opt.quality_summary) if opt.quality_summary else None,
         rootdir=Path(config.rootpath), exact_kl=opt.quality_exact_kl,
+        html_path=Path(config.rootpath, opt.quality_html) if opt.quality_html else None,
     )
     _configure_workers(config)
     try:  # the manifest and the table, before anything is collected or measured
@@ -304,6 +308,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     untestable = isinstance(exc, CannotTest) or drift
     state.record(item.nodeid, skipped=report.skipped and not hasattr(report, "wasxfail"), failed=report.failed,
                  untestable=untestable)
+    if report.failed:
+        state.failures[item.nodeid] = str(report.longrepr)
     if state.role == WORKER:  # to the controller, with this report (parallel.py)
         from .parallel import PAYLOAD
 
@@ -383,6 +389,8 @@ class _Controller:
         if report.when == "???" and group is not None:  # xdist's report of the check its worker crashed in
             controller.lost(state.gathering(), report.nodeid, state.manifest(), str(report.longrepr))
             state.record(plain, skipped=False, failed=True, untestable=True)
+        if report.failed and (payloads or group is not None):
+            state.failures[plain] = str(report.longrepr)
         for payload in payloads:
             untestable = controller.receive(state.gathering(), payload)
             state.record(plain, skipped=report.skipped and not hasattr(report, "wasxfail"), failed=report.failed,

@@ -86,6 +86,8 @@ class QualitySession:
     summary_path: Path | None
     rootdir: Path
     exact_kl: bool = False
+    html_path: Path | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # failing quality check -> its full message (HTML)
     bad: list[str] = field(default_factory=list)
     untestable: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -199,6 +201,11 @@ class QualitySession:
             self.report.write(self.json_path, self.summary_path)
         elif self.report is not None and self.report.records:
             self.report.write(self.json_path, self.summary_path)
+        if self.html_path is not None and self.report is not None and self.report.records:
+            from . import htmlreport
+
+            htmlreport.write(self.html_path, self.report, rows=self.table()[0], failures=self.failures,
+                             plots_dir=(self.summary_path or self.html_path).parent, manifest_path=self.manifest().path)
         return status
 
     def closing_lines(self, *, quiet: bool = False) -> list[tuple[str, bool]]:
