@@ -21,7 +21,7 @@ def make_project(pytester, template, variants=tinyzoo.GOOD_VARIANTS, extra=""):
     tests.mkdir(exist_ok=True)
     for f in (REPO / "quality_tests").glob("test_*.py"):
         shutil.copy(f, tests / f.name)
-    assert cli.main(["baseline", "--manifest", str(manifest), "--all-profiles"]) == 0
+    assert cli.main(["baseline", "--manifest", str(manifest), "--all-profiles", "--no-snapshots"]) == 0
     created = pytester.runpytest("-m", "quality", "--snapshot-update", "-p", "no:cacheprovider")
     assert "snapshots generated" in created.stdout.str()
     return manifest

@@ -79,6 +79,7 @@ def _baselines(args) -> int:
     ev = Evaluator(manifest=manifest, profile=profiles[0], device=resolve_device(args.device))
     command = "quantgate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     refused = 0
+    snapshots: list[str] = []  # the protocol snapshot tests of what was baselined
     for model in _models(manifest, args):
         ref = manifest.models[model]
         # --corpus alone: corpora only; --task alone: tasks only; neither: everything the model declares
@@ -91,12 +92,20 @@ def _baselines(args) -> int:
             if name not in ref.tasks:
                 raise QuantgateError(f"model {model!r} is not evaluated on task {name!r}")
         backends = args.backend or ref.backends()
+        snapshots += [f"test_protocol_snapshot[{model}/{n}]" for n in corpora]
+        snapshots += [f"test_task_protocol_snapshot[{model}/{n}]" for n in tasks]
         for kind, names in (("corpus", corpora), ("task", tasks)):
             for backend, profile, name in ((b, p, n) for b in backends for p in profiles for n in names):
                 ev.profile = profile
                 refused += _baseline(ev, Subject(model, name, kind, backend), args, command)
     ev.release()
-    return 1 if refused else 0
+    if refused:
+        return 1
+    if args.no_snapshots:
+        return 0
+    from .scaffold import record_protocol_snapshots
+
+    return record_protocol_snapshots(manifest, snapshots, device=args.device)
 
 
 def _baseline(ev, subject, args, command: str) -> int:
@@ -252,6 +261,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _init_parser(sub) -> None:
+    ip = sub.add_parser("init", help="write quantgate.toml, the quality tests, a CI workflow and .gitignore entries "
+                        "for a reference and its variants (metadata read from the checkpoints)")
+    ip.add_argument("reference", help="the reference: a checkpoint directory, a hub id in the local cache, or an F16 "
+                    "GGUF file when only GGUF files exist")
+    ip.add_argument("variants", nargs="*", help="variant checkpoints: directories, .gguf files, globs")
+    ip.add_argument("--corpus", action="append", default=None, help="an evaluation corpus (repeatable): humaneval, "
+                    "genesis, wikitext2 (the default), a local .txt/.jsonl file, or a hub dataset id")
+    ip.add_argument("--name", default=None, help="the model's name in the manifest (default: the reference's)")
+    ip.add_argument("--dir", default=".", help="the project directory (default: here)")
+    ip.add_argument("--force", action="store_true", help="replace files that exist")
+    ip.set_defaults(func=cmd_init)
+
+
+def _report_parser(sub) -> None:
+    rp = sub.add_parser("report", help="render the Markdown summary of a --quality-json file")
+    rp.add_argument("json", help="a file written by pytest --quality-json")
+    rp.add_argument("--readme", default=None, help="write it into this file between <!-- MARKER:start/end -->")
+    rp.add_argument("--marker", default="demo-summary",
+                    help="demo-summary (the run's summary), acceptability (the table's rows beside measured ratios) "
+                         "or demo-excerpt (verdict counts per model and metric)")
+    rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
+    _pictures_options(rp)
+    rp.set_defaults(func=cmd_report)
+
+
 def _pictures_options(rp) -> None:
     rp.add_argument("--html", default=None, metavar="PATH", help="write the self-contained HTML report (plots inline)")
     rp.add_argument("--plots", default=None, metavar="DIR", help="write the plots (PNG and SVG) into DIR")
@@ -277,6 +312,18 @@ def _pictures(args, report) -> int:
         written = write_plots(report.records, rows, Path(args.plots))
     for path in written:
         print(path)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .scaffold import init
+
+    written = init(args.reference, args.variants, args.corpus or [], Path(args.dir), model=args.name, force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    print("\nnext:\n  quantgate baseline          # the reference's baselines (and protocol snapshots), once\n"
+          "  pytest -m quality           # the gate\n"
+          "  pytest -m quality --quality-html reports/quality.html   # with plots and a page to share")
     return 0
 
 
@@ -340,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None)
     p.add_argument("--all-profiles", action="store_true")
     p.add_argument("--force", action="store_true", help="replace baselines measured under another protocol")
+    p.add_argument("--no-snapshots", action="store_true", help="do not record the baselined protocols' syrupy "
+                   "snapshots (by default they are, so that the next `pytest -m quality` passes)")
     p.add_argument("--noise-reruns", type=int, default=None, metavar="N",
                    help="score the reference N more times and store how far the reruns move (the noise floor the "
                         "gate adds to its bounds); default: 1 on CUDA, 0 on CPU, where scoring is deterministic")
@@ -362,15 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--corpus", action="append", default=None)
     pr.add_argument("--profile", default=None)
     pr.set_defaults(func=cmd_protocol)
-    rp = sub.add_parser("report", help="render the Markdown summary of a --quality-json file")
-    rp.add_argument("json", help="a file written by pytest --quality-json")
-    rp.add_argument("--readme", default=None, help="write it into this file between <!-- MARKER:start/end -->")
-    rp.add_argument("--marker", default="demo-summary",
-                    help="demo-summary (the run's summary), acceptability (the table's rows beside measured ratios) "
-                         "or demo-excerpt (verdict counts per model and metric)")
-    rp.add_argument("--command-line", default=None, help="the command that produced the JSON, quoted under the table")
-    _pictures_options(rp)
-    rp.set_defaults(func=cmd_report)
+    _report_parser(sub)
+    _init_parser(sub)
     cp = sub.add_parser("compare", help="what changed between two --quality-json runs (exit 1 when a passing check "
                         "now fails)")
     cp.add_argument("old", help="the earlier run's --quality-json file")

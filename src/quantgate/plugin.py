@@ -14,8 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from .errors import CannotTest, ManifestError, QuantgateError
-from .session import BISECT_ABORT, BISECT_SKIP, CONTROLLER, SERIAL, WORKER, QualitySession
+# The quality checks live in the package (quantgate/quality_tests) and are imported by a project's test module;
+# their asserts are rewritten like a test module's, so that a protocol drift shows syrupy's diff.
+pytest.register_assert_rewrite("quantgate.quality_tests")
+
+from .errors import CannotTest, ManifestError, QuantgateError  # noqa: E402
+from .session import (  # noqa: E402
+    BISECT_ABORT,
+    BISECT_SKIP,
+    CONTROLLER,
+    NO_TESTS_COLLECTED,
+    SERIAL,
+    WORKER,
+    QualitySession,
+)
 
 DEVICE_SYNTAX = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -497,6 +509,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     state = _state(config)
+    if exitstatus == NO_TESTS_COLLECTED and "quality" in (config.option.markexpr or "") and state.in_use():
+        terminalreporter.write_line(
+            "quantgate: a quantgate.toml is here but no quality test was collected: `quantgate init` writes "
+            "quality_tests/test_quality.py (or put `from quantgate.quality_tests import *` in a test module)",
+            yellow=True)
     if state.report is not None and state.report.records:
         terminalreporter.write_sep("=", "quantgate summary")
         terminalreporter.write_line(state.report.markdown())

@@ -1,0 +1,94 @@
+"""`quantgate init`: from an empty directory with a small model, a BF16 copy and a GGUF Q8_0 of it, init, baseline
+and `pytest -m quality` pass with no file copied or edited by hand."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import datasets  # noqa: F401  imported out here: pytester's in-process runs drop modules imported inside them
+import pytest
+
+from quantgate import cli
+from quantgate.errors import QuantgateError
+from quantgate.manifest import load_manifest
+from quantgate.scaffold import corpus_block, describe_variant
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """models/tiny (the reference: the demo's trained 5.5M-parameter model; a random one's BF16 copy would fail
+    the table's BF16 KL bound), models/tiny-bf16 (a BF16 copy) and models/tiny-q8_0.gguf, nothing else."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("llama_cpp")
+    from quantgate.checkpoints.gguf_build import quantize_gguf, write_f16_gguf
+
+    root = tmp_path / "project"
+    models = root / "models"
+    shutil.copytree(REPO / "fixtures" / "demo_zoo" / "reference", models / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(models / "tiny", dtype=torch.bfloat16)
+    model.save_pretrained(models / "tiny-bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (models / "tiny" / name).is_file():
+            shutil.copy(models / "tiny" / name, models / "tiny-bf16" / name)
+    f16 = tmp_path / "tiny-f16.gguf"
+    write_f16_gguf(models / "tiny", f16)
+    quantize_gguf(f16, models / "tiny-q8_0.gguf", "Q8_0")
+    return root
+
+
+def test_init_baseline_and_the_gate_pass_with_nothing_copied_or_edited(checkpoints, pytester, monkeypatch):
+    monkeypatch.chdir(checkpoints)
+    assert cli.main(["init", "models/tiny", "models/tiny-bf16", "models/*.gguf", "--corpus", "humaneval"]) == 0
+    manifest = load_manifest(checkpoints / "quantgate.toml")
+    variants = {v.name: v for v in manifest.models["tiny"].variants}
+    assert (variants["tiny-bf16"].format, variants["tiny-bf16"].bits) == ("bf16", 16)
+    assert (variants["tiny-q8_0"].format, variants["tiny-q8_0"].bits) == ("gguf", 8)  # read from general.file_type
+    assert variants["tiny-q8_0-llamacpp"].backend == "llama.cpp"
+    assert (checkpoints / ".github" / "workflows" / "quality.yml").is_file()
+    assert "build/" in (checkpoints / ".gitignore").read_text()
+    tests = (checkpoints / "quality_tests" / "test_quality.py").read_text()
+    assert "from quantgate.quality_tests import *" in tests  # imported, never a copy
+
+    assert cli.main(["baseline", "--profile", "fast"]) == 0  # also records the protocol snapshots
+    assert list((checkpoints / "quality_tests" / "__snapshots__").glob("*.ambr"))
+    pytester.chdir()
+    result = pytester.run(sys.executable, "-m", "pytest", "-m", "quality", "--quality-profile", "fast",
+                          "-p", "no:cacheprovider", str(checkpoints / "quality_tests"),
+                          "--rootdir", str(checkpoints))
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    assert "passed" in result.stdout.str() and "failed" not in result.stdout.str().split("quantgate summary")[0]
+
+
+def test_init_never_overwrites_without_force(checkpoints, monkeypatch, capsys):
+    monkeypatch.chdir(checkpoints)
+    (checkpoints / "quantgate.toml").write_text("# mine\n")
+    assert cli.main(["init", "models/tiny", "models/tiny-bf16"]) == 2
+    assert "quantgate.toml: exists; nothing was written (--force replaces it)" in capsys.readouterr().err
+    assert (checkpoints / "quantgate.toml").read_text() == "# mine\n"
+    assert not (checkpoints / "quality_tests").exists()
+    assert cli.main(["init", "models/tiny", "models/tiny-bf16", "--force"]) == 0
+    assert "wikitext-2-raw-v1" in (checkpoints / "quantgate.toml").read_text()  # WikiText-2 by default
+
+
+def test_bad_inputs_are_named(checkpoints, tmp_path):
+    with pytest.raises(QuantgateError, match="no-such: no such file or directory"):
+        describe_variant(tmp_path / "no-such", tmp_path, set(), llama_cpp=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QuantgateError, match="neither a checkpoint directory"):
+        describe_variant(tmp_path / "empty", tmp_path, set(), llama_cpp=False)
+    with pytest.raises(QuantgateError, match="not a shipped corpus"):
+        corpus_block("not a corpus!", tmp_path)
+
+
+def test_the_gate_says_how_to_get_its_tests_when_none_is_collected(pytester, tiny_zoo_template):
+    import tinyzoo
+
+    shutil.copytree(tiny_zoo_template, pytester.path, dirs_exist_ok=True)
+    tinyzoo.write_manifest(pytester.path, variants=tinyzoo.GOOD_VARIANTS)
+    result = pytester.runpytest("-m", "quality", "-p", "no:cacheprovider")
+    assert result.ret == 5
+    assert "no quality test was collected: `quantgate init` writes quality_tests/test_quality.py" in result.stdout.str()
