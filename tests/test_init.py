@@ -92,3 +92,20 @@ def test_the_gate_says_how_to_get_its_tests_when_none_is_collected(pytester, tin
     result = pytester.runpytest("-m", "quality", "-p", "no:cacheprovider")
     assert result.ret == 5
     assert "no quality test was collected: `quantgate init` writes quality_tests/test_quality.py" in result.stdout.str()
+
+
+def test_an_f16_gguf_alone_becomes_the_reference(checkpoints, tmp_path):
+    """Only GGUF files: transformers writes an HF copy of the F16 GGUF, which the manifest takes as the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantgate.scaffold import resolve_reference
+
+    ref, found = resolve_reference(str(tmp_path / "tiny-f16.gguf"), checkpoints)
+    assert ref == checkpoints / "build" / "reference" / "tiny-f16" and "written as a transformers checkpoint" in found
+    assert (ref / "config.json").is_file() and (ref / "tokenizer.json").is_file()
+    ids = torch.arange(1, 65).unsqueeze(0)
+    with torch.inference_mode():
+        original = AutoModelForCausalLM.from_pretrained(checkpoints / "models" / "tiny", dtype=torch.float32)(ids).logits
+        copied = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)(ids).logits
+    assert torch.allclose(original, copied, atol=0.05)  # the same model, its weights rounded to F16 once

@@ -190,12 +190,17 @@ def resolve_reference(spec: str, root: Path) -> tuple[Path, str]:
         gguf = path if path.suffix == ".gguf" else _gguf_in(path)
         out = root / "build" / "reference" / re.sub(r"[^A-Za-z0-9_.-]+", "-", gguf.stem)
         if not (out / "config.json").is_file():  # transformers dequantizes the F16 GGUF: an exact copy
+            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype="float16")
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float16)
+            config = loaded.config  # transformers marks a GGUF load as quantized and will not save it: a plain copy
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+            model.load_state_dict(loaded.state_dict())
             model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
         return out, f"{gguf} (written as a transformers checkpoint into {_rel(out, root)})"
     if not path.exists() and "/" in spec:
         from huggingface_hub import snapshot_download
