@@ -109,3 +109,24 @@ def test_an_f16_gguf_alone_becomes_the_reference(checkpoints, tmp_path):
         original = AutoModelForCausalLM.from_pretrained(checkpoints / "models" / "tiny", dtype=torch.float32)(ids).logits
         copied = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)(ids).logits
     assert torch.allclose(original, copied, atol=0.05)  # the same model, its weights rounded to F16 once
+
+
+def test_a_hub_id_in_the_local_cache_is_the_reference(checkpoints, tmp_path, monkeypatch):
+    """A hub id is taken from the local Hugging Face cache (the layout huggingface_hub writes), never fetched."""
+    from quantgate.scaffold import resolve_reference
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoints / "models" / "tiny", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    ref, found = resolve_reference("acme/tiny", checkpoints)
+    assert ref == snapshot and found == "the hub id acme/tiny in the local cache"
+    with pytest.raises(QuantgateError, match="acme/other: not a directory, and not in the local Hugging Face cache"):
+        resolve_reference("acme/other", checkpoints)
