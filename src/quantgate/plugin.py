@@ -267,7 +267,11 @@ def _line_writer(config: pytest.Config):
 
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
-        return lambda line: print(f"[{workerinput.get('workerid')}] {line}", file=sys.stderr, flush=True)
+        def write(line: str) -> None:  # one write per line: two workers share the stream
+            sys.stderr.write(f"[{workerinput.get('workerid')}] {line}\n")
+            sys.stderr.flush()
+
+        return write
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     return reporter.write_line if reporter is not None else print
 
