@@ -134,3 +134,22 @@ def test_devices_and_cores_are_shared_out_among_workers():
     assert cpu_share(range(2), 2, 2) == {0}  # gw2, started in place of a crashed gw0
     assert cpu_share(range(2), 0, 4) == {0, 1}  # more workers than cores: they share
     assert rotated([1, 2, 3], 1) == [2, 3, 1] and rotated([], 5) == []
+
+
+def test_shards_run_with_workers_merge_into_the_serial_run(pytester, tiny_zoo_template):
+    """--quality-shard K/N under -n 2: the controller writes each shard's JSON (its shard record comes from the
+    workers, which did the deselecting), and `quantgate merge` gives the serial run's records and exit status."""
+    from test_shard import UNIFORM
+
+    from quantgate import cli
+
+    make_project(pytester, tiny_zoo_template, variants=UNIFORM)
+    serial = _run(pytester, "--quality-json=serial.json")
+    shards = [_run(pytester, "-n", "2", f"--quality-shard={k}/2", f"--quality-json=shard{k}.json") for k in (1, 2)]
+    out = pytester.path
+    docs = [json.loads((out / f"shard{k}.json").read_text()) for k in (1, 2)]
+    assert [d["shard"]["index"] for d in docs] == [1, 2]
+    assert [d["shard"]["exit_status"] for d in docs] == [s.ret for s in shards]
+    assert cli.main(["merge", str(out / "shard1.json"), str(out / "shard2.json"), "--json", str(out / "merged.json"),
+                     "--summary", str(out / "merged.md")]) == serial.ret
+    assert _records(out / "merged.json") == _records(out / "serial.json")
