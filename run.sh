@@ -37,6 +37,15 @@ browser() {
   fi
 }
 
+# pytest-xdist workers for the fast tier: one per core, at most 4 (it has 23 variants), none on one core.
+workers() {
+  local n
+  n=$(nproc 2>/dev/null || echo 1)
+  [ "$n" -gt 4 ] && n=4
+  [ "$n" -ge 2 ] && echo "-n $n"
+  return 0
+}
+
 job=${1:-}
 shift || true
 case "$job" in
@@ -48,8 +57,10 @@ case "$job" in
     setup
     browser
     .venv/bin/python -m pytest tests "$@"
+    # The fast tier's variants side by side on the CPU's cores (pytest-xdist, one variant per worker;
+    # docs/big-models.md): on 2 cores, with the recipe builds, 2 workers take <figure> against <figure> serially.
     exec .venv/bin/python -m pytest -m quality quality_tests --quality-profile fast --quality-strict \
-      --quality-json reports/quality-fast.json
+      --quality-json reports/quality-fast.json $(workers)
     ;;
   bench)
     setup
