@@ -34,24 +34,55 @@ GGUF_WRITER = "quantgate.write_f16_gguf/v1"  # bump when the F16 conversion chan
 RECORDED_BUILDS = "builds.json"
 
 
+_CALIBRATION_CORPORA: dict[tuple, object] = {}  # read once per process: every recipe's identity hashes its text
+
+
 def _calibration_corpus(manifest: Manifest, recipe: dict):
     from .corpus import load_corpus
 
     name = recipe.get("calibration")
     if name not in manifest.corpora:
         raise ManifestError(manifest.path, "recipe.calibration", f"names corpus {name!r}, which [corpora] does not define")
-    return load_corpus(manifest.corpora[name])
+    key = (str(manifest.path), repr(manifest.corpora[name]), _files_state(manifest.corpora[name]))
+    if key not in _CALIBRATION_CORPORA:
+        _CALIBRATION_CORPORA[key] = load_corpus(manifest.corpora[name])
+    return _CALIBRATION_CORPORA[key]
+
+
+_CALIBRATION_IDS: dict[tuple, list[int]] = {}  # (manifest, model, its tokenizer files, corpus) -> token ids, per process
+
+
+def _files_state(spec) -> tuple:
+    """The corpus's local files as they are now (path, size, mtime): a file changed in between is read again."""
+    from .corpus import resolve_data_files
+
+    if not spec.data_files:
+        return ()
+    try:
+        files = resolve_data_files(spec)
+    except QuantgateError:
+        return ()  # load_corpus names the missing file
+    return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [Path(f).stat()])
+
+
+def _calibration_ids(manifest: Manifest, ref: ReferenceModel, recipe: dict) -> list[int]:
+    """The calibration corpus in the reference's tokens, read and tokenized once per process: the recipes
+    of a run that share a calibration corpus share its tokens."""
+    corpus = _calibration_corpus(manifest, recipe)
+    tokenizer_files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(ref.path).glob("*token*")))
+    key = (str(manifest.path), ref.name, str(ref.path), tokenizer_files, corpus.text_sha256)
+    if key not in _CALIBRATION_IDS:
+        from .checkpoints.loading import load_tokenizer
+        from .corpus import encode_long
+
+        _CALIBRATION_IDS[key] = encode_long(load_tokenizer(ref.path), corpus.text)["input_ids"]
+    return _CALIBRATION_IDS[key]
 
 
 def _calibration_chunks(manifest: Manifest, ref: ReferenceModel, recipe: dict) -> list[list[int]]:
     """Token-id chunks of the calibration corpus, cut with the reference tokenizer."""
-    from .checkpoints.loading import load_tokenizer
-    from .corpus import encode_long
-
     name = recipe.get("calibration")
-    corpus = _calibration_corpus(manifest, recipe)
-    tokenizer = load_tokenizer(ref.path)
-    ids = encode_long(tokenizer, corpus.text)["input_ids"]
+    ids = _calibration_ids(manifest, ref, recipe)
     samples, seq_len = int(recipe.get("samples", 128)), int(recipe.get("seq_len", 256))
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
     if len(chunks) < samples:

@@ -154,15 +154,83 @@ def _build(
             "source_dir": str(source_dir), "out_dir": str(out_dir), "calibration_texts": calibration_texts,
             "seed": seed, "config_kwargs": config_kwargs, "backend_name": backend_name,
             "compute_dtype": numerics["compute_dtype"], "record": str(result)}))
-        # gptqmodel's own progress lines are kept for the error message only.
-        proc = subprocess.run([sys.executable, "-m", __name__, str(spec)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-            raise RuntimeError(f"gptqmodel build of {out_dir.name} failed (exit {proc.returncode}):\n{tail}")
+        failure = BuildProcess.for_environment(env, numerics["environment"]).build(spec)
+        if failure is not None:
+            raise RuntimeError(f"gptqmodel build of {out_dir.name} failed {failure}")
         record = json.loads(result.read_text())
     record["numerics"] = numerics
     return record
+
+
+class BuildProcess:
+    """The process that runs this process's gptqmodel builds, one after another: started on the first build
+    under a numerics environment (which is read when torch and MKL start), and kept, so the builds of a run
+    share the imports of torch, transformers and gptqmodel (about 3 s a build). Each build seeds its own
+    generators, so a build in it gives the weights a build in a fresh process gives (tests/test_build_server.py).
+    gptqmodel's own output goes to a log that a failure's message quotes."""
+
+    _running: dict[str, BuildProcess] = {}
+
+    def __init__(self, env: dict):
+        self.log = Path(tempfile.mkstemp(prefix="quantgate-gptqmodel-", suffix=".log")[1])
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, "--serve"], env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
+        self.builds = 0
+
+    @classmethod
+    def for_environment(cls, env: dict, numerics_env) -> BuildProcess:
+        key = json.dumps(numerics_env, sort_keys=True)
+        process = cls._running.get(key)
+        if process is None or process.proc.poll() is not None:
+            if not cls._running:
+                import atexit
+
+                atexit.register(cls.close_all)
+            process = cls._running[key] = cls(env)
+        return process
+
+    def build(self, spec: Path) -> str | None:
+        """None once the build in `spec` is done; else what went wrong, with the end of gptqmodel's output."""
+        start = self.log.stat().st_size
+        try:
+            self.proc.stdin.write(f"{spec}\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline().strip()
+        except BrokenPipeError:
+            reply = ""
+        except BaseException:  # interrupted: the build it runs is abandoned with it
+            self.close(kill=True)
+            raise
+        self.builds += 1
+        if reply == "ok":
+            return None
+        self.close(kill=reply == "")
+        with self.log.open("rb") as log:
+            log.seek(start)
+            tail = "\n".join(log.read().decode(errors="replace").strip().splitlines()[-15:])
+        return f"(build {self.builds} of its process, exit {self.proc.returncode}):\n{tail}"
+
+    def close(self, kill: bool = False) -> None:
+        for key, process in list(self._running.items()):
+            if process is self:
+                del self._running[key]
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @classmethod
+    def close_all(cls) -> None:
+        for process in list(cls._running.values()):
+            process.close()
+            process.log.unlink(missing_ok=True)
 
 
 def _build_here(
@@ -322,9 +390,35 @@ def _scratch_log_dir():
             loop_processor._PROJECT_LOG_DIR = previous
 
 
-if __name__ == "__main__":  # the build process started by _build
-    _spec = json.loads(Path(sys.argv[1]).read_text())
-    _record = _build_here(_spec["source_dir"], _spec["out_dir"], calibration_texts=_spec["calibration_texts"],
-                          seed=_spec["seed"], config_kwargs=_spec["config_kwargs"], backend_name=_spec["backend_name"],
-                          compute_dtype=_spec["compute_dtype"])
-    Path(_spec["record"]).write_text(json.dumps(_record))
+def _build_spec(path: str) -> None:
+    spec = json.loads(Path(path).read_text())
+    record = _build_here(spec["source_dir"], spec["out_dir"], calibration_texts=spec["calibration_texts"],
+                         seed=spec["seed"], config_kwargs=spec["config_kwargs"], backend_name=spec["backend_name"],
+                         compute_dtype=spec["compute_dtype"])
+    Path(spec["record"]).write_text(json.dumps(record))
+
+
+def _serve() -> None:
+    """The build process (BuildProcess): a spec's path per line in, "ok" per finished build out; anything
+    gptqmodel prints goes to standard error (the log). A failed build ends the process."""
+    import traceback
+
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        try:
+            _build_spec(line.strip())
+        except Exception:
+            traceback.print_exc()
+            sys.stderr.flush()
+            reply.write("failed\n")
+            sys.exit(1)
+        sys.stdout.flush()
+        reply.write("ok\n")
+
+
+if __name__ == "__main__":  # started by BuildProcess, or by hand with one spec
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
+    else:
+        _build_spec(sys.argv[1])

@@ -1,0 +1,77 @@
+"""The gptqmodel builds of a run share one build process: a build made there after another one gives the weights
+that the same recipe gives in a fresh process, the process is reused, and a failed build is named with
+gptqmodel's output and ends that process only."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install 'quantgate[gptq]')")
+
+from quantgate.checkpoints import gptq_build  # noqa: E402
+from quantgate.zoo import weights_digest  # noqa: E402
+
+# The tiny reference's layers are 32 and 64 wide: groups of 32.
+GPTQ4 = dict(bits=4, group_size=32, desc_act=False)
+GPTQ8 = dict(bits=8, group_size=32, desc_act=True)
+
+
+def _calibration(reference: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    text = " ".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200))
+    ids = tokenizer(text)["input_ids"]
+    return [ids[i:i + 48] for i in range(0, 48 * 8, 48)]
+
+
+def _fresh_process_build(reference: Path, out: Path, chunks, recipe: dict, tmp_path: Path) -> dict:
+    """The same recipe built by `python -m quantgate.checkpoints.gptq_build SPEC`: a process of its own."""
+    import os
+
+    numerics = gptq_build.build_numerics("gptq")
+    env = {**os.environ, **(numerics["environment"] if isinstance(numerics["environment"], dict) else {})}
+    spec, record = tmp_path / "spec.json", tmp_path / "record.json"
+    spec.write_text(json.dumps({
+        "source_dir": str(reference), "out_dir": str(out), "calibration_texts": chunks, "seed": 0,
+        "config_kwargs": dict(method="gptq", format="gptq", act_group_aware=not recipe["desc_act"], **recipe),
+        "backend_name": "GPTQ_TORCH", "compute_dtype": numerics["compute_dtype"], "record": str(record)}))
+    proc = subprocess.run([sys.executable, "-m", "quantgate.checkpoints.gptq_build", str(spec)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(record.read_text())
+
+
+def test_builds_in_one_process_give_the_weights_of_fresh_processes(tiny_zoo_template, tmp_path):
+    reference = tiny_zoo_template / "models" / "reference"
+    chunks = _calibration(reference)
+    gptq_build.BuildProcess.close_all()
+    first = gptq_build.build_gptq(reference, tmp_path / "w8", calibration_texts=chunks, **GPTQ8)
+    process = next(iter(gptq_build.BuildProcess._running.values()))
+    second = gptq_build.build_gptq(reference, tmp_path / "w4", calibration_texts=chunks, **GPTQ4)
+    assert next(iter(gptq_build.BuildProcess._running.values())) is process and process.builds == 2  # reused
+    assert first["bits"] == 8 and second["bits"] == 4 and second["seconds"]["total"] > 0
+    fresh = _fresh_process_build(reference, tmp_path / "w4-fresh", chunks, GPTQ4, tmp_path)
+    assert fresh["bits"] == 4
+    assert weights_digest(tmp_path / "w4") == weights_digest(tmp_path / "w4-fresh")
+    gptq_build.BuildProcess.close_all()
+    assert not gptq_build.BuildProcess._running and process.proc.returncode == 0 and not process.log.exists()
+
+
+def test_a_failed_build_quotes_gptqmodel_and_the_next_build_gets_a_new_process(tiny_zoo_template, tmp_path):
+    reference = tiny_zoo_template / "models" / "reference"
+    chunks = _calibration(reference)
+    gptq_build.BuildProcess.close_all()
+    with pytest.raises(RuntimeError) as failed:
+        gptq_build.build_gptq(reference, tmp_path / "bad", calibration_texts=chunks, bits=4, group_size=48,
+                              desc_act=False)  # 48 does not divide the layers' widths
+    message = str(failed.value)
+    assert message.startswith("gptqmodel build of bad failed (build 1 of its process, exit 1):")
+    assert "Traceback" in message or "Error" in message
+    assert not gptq_build.BuildProcess._running  # that process ended with its failure
+    gptq_build.build_gptq(reference, tmp_path / "good", calibration_texts=chunks, **GPTQ4)
+    assert (tmp_path / "good" / "config.json").is_file()
+    gptq_build.BuildProcess.close_all()
