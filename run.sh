@@ -57,8 +57,8 @@ case "$job" in
     setup
     browser
     .venv/bin/python -m pytest tests "$@"
-    # The fast tier's variants side by side on the CPU's cores (pytest-xdist, one variant per worker;
-    # docs/big-models.md): on 2 cores, with the recipe builds, 2 workers take <figure> against <figure> serially.
+    # The fast tier's variants side by side on the CPU's cores (pytest-xdist, one variant per worker, the
+    # same records as a serial run: docs/big-models.md).
     exec .venv/bin/python -m pytest -m quality quality_tests --quality-profile fast --quality-strict \
       --quality-json reports/quality-fast.json $(workers)
     ;;
