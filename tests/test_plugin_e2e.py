@@ -331,6 +331,40 @@ def test_recipe_variants_are_built_in_a_step_of_their_own(pytester, tiny_zoo_tem
     assert out.index("quantgate: build tiny/cast") < out.index("test_relative_perplexity")
 
 
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_the_build_step_moves_past_a_variant_another_process_is_building(pytester, tiny_zoo_template):
+    """A variant whose build lock another process holds (another xdist worker building it): the build step goes
+    on to the next, and the variant's first check waits for that build instead of building it twice."""
+    import subprocess
+    import sys
+
+    from quantgate.manifest import load_manifest
+    from quantgate.zoo import built_dir
+
+    make_project(pytester, tiny_zoo_template, variants=CAST)
+    manifest = load_manifest(pytester.path / "quantgate.toml")
+    ref = manifest.models["tiny"]
+    entry = built_dir(manifest, ref, next(v for v in ref.variants if v.name == "cast"))
+    shutil.rmtree(entry, ignore_errors=True)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, f"{entry}.lock", "4"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    result = run(pytester, "-k", "cast", "-s")
+    holder.wait()
+    out = result.stdout.str()
+    assert "quantgate: build tiny/cast: another process is building it; its checks wait for that build" in out
+    assert result.ret == 0, out[-3000:]  # after the lock was let go, the first check built it and all passed
+    assert (entry / "quantgate-recipe.json").is_file()
+
+
 @pytest.mark.parametrize("bisect", [False, True], ids=["plain", "bisect"])
 def test_a_failed_build_is_cannot_test_not_a_quality_failure(pytester, tiny_zoo_template, bisect):
     make_project(pytester, tiny_zoo_template)  # built and baselined without the recipe variant, then added

@@ -31,7 +31,7 @@ class Residency:
 
     def build(self, pairs) -> Iterator[tuple[str, str, str]]:
         """Every recipe variant among (model, variant) pairs built (or found cached): (model, variant, what happened)."""
-        from .zoo import build_variant
+        from .zoo import BuildBusy, build_variant
 
         for model, variant in dict.fromkeys(pairs):
             v = self.ws.variant(model, variant)
@@ -40,7 +40,11 @@ class Residency:
             started = time.perf_counter()
             try:
                 with progress.stage(f"{model}/{variant}: building"):
-                    _, record = build_variant(self.ws.manifest, self.ws.model(model), v)
+                    # another process building it now (an xdist worker): on to the next; its first check waits
+                    _, record = build_variant(self.ws.manifest, self.ws.model(model), v, wait=False)
+            except BuildBusy:
+                yield model, variant, "another process is building it; its checks wait for that build"
+                continue
             except (QuantgateError, OSError) as exc:  # BuildFailed, a missing builder library or reference
                 from .errors import BuildFailed
 

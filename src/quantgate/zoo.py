@@ -202,28 +202,40 @@ def built_dir(manifest: Manifest, ref: ReferenceModel, variant: Variant) -> Path
     return manifest.zoo_dir / ref.name / _entry_name(variant, recipe_identity(manifest, ref, variant))
 
 
-def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, force: bool = False) -> tuple[Path, dict | None]:
-    """Build one recipe variant unless its cache entry exists; returns (dir, build record or None)."""
+class BuildBusy(Exception):
+    """Another process holds the entry's lock: it is building that variant now (build_variant(wait=False))."""
+
+
+def build_variant(manifest: Manifest, ref: ReferenceModel, variant: Variant, *, force: bool = False,
+                  wait: bool = True) -> tuple[Path, dict | None]:
+    """Build one recipe variant unless its cache entry exists; returns (dir, build record or None). With
+    wait=False, raises BuildBusy instead of waiting while another process builds it."""
     identity = recipe_identity(manifest, ref, variant)
     out = manifest.zoo_dir / ref.name / _entry_name(variant, identity)
     if (out / RECIPE_FILE).is_file() and not force:
         return out, None
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):  # two runs (a gate and `zoo build`) must not build the same entry
+    lock = FileLock(str(out) + ".lock")  # two runs (a gate and `zoo build`) must not build the same entry
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        raise BuildBusy(str(out)) from None
+    try:
         if (out / RECIPE_FILE).is_file() and not force:
             return out, None
-        try:
-            return out, _build(manifest, ref, variant, out, identity)
-        except (QuantgateError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # the builder's own failure: not a verdict on the variant
-            from .errors import BuildFailed
+        return out, _build(manifest, ref, variant, out, identity)
+    except (QuantgateError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the builder's own failure: not a verdict on the variant
+        from .errors import BuildFailed
 
-            raise BuildFailed(f"{ref.name}/{variant.name}: its recipe build failed ({type(exc).__name__}: {exc}); this "
-                              f"says nothing about its quality. See the builder's output with `quantgate zoo build "
-                              f"--model {ref.name} --variant {variant.name} --force`") from exc
+        raise BuildFailed(f"{ref.name}/{variant.name}: its recipe build failed ({type(exc).__name__}: {exc}); this "
+                          f"says nothing about its quality. See the builder's output with `quantgate zoo build "
+                          f"--model {ref.name} --variant {variant.name} --force`") from exc
+    finally:
+        lock.release()
 
 
 def _build(manifest: Manifest, ref: ReferenceModel, variant: Variant, out: Path, identity: dict) -> dict:
