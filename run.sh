@@ -37,7 +37,7 @@ browser() {
   fi
 }
 
-# pytest-xdist workers for the fast tier: one per core, at most 4 (it has 23 variants), none on one core.
+# pytest-xdist workers for the quality runs: one per core, at most 4 (the zoo has 28 variants), none on one core.
 workers() {
   local n
   n=$(nproc 2>/dev/null || echo 1)
@@ -51,7 +51,8 @@ shift || true
 case "$job" in
   quality)
     setup
-    exec .venv/bin/python -m pytest -m quality quality_tests --quality-html reports/quality.html "$@"
+    # the variants side by side on the CPU's cores (pytest-xdist; `-n 0` runs them in one process)
+    exec .venv/bin/python -m pytest -m quality quality_tests --quality-html reports/quality.html $(workers) "$@"
     ;;
   test)
     setup

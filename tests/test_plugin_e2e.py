@@ -1,6 +1,7 @@
 """The plugin end to end (pytester): verdicts, messages, reports, drift, audits, exit codes."""
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -69,9 +70,16 @@ def test_green_run_prints_summary_and_writes_reports(pytester, tiny_zoo_template
         d = r["distribution"]
         assert d["ppl_ratio_interval"][0] <= d["ppl_ratio"] <= d["ppl_ratio_interval"][1]
         assert d["kl_kind"] == "lower bound (top-8 + rest)" and d["tokens"] == r["tokens_scored"]
+        # the same scores on the text's scale: bits per byte and word perplexity follow from the token perplexities
+        n, (nbytes, words) = r["tokens_scored"], (r["text"]["bytes"], r["text"]["words"])
+        assert 0 < words < nbytes
+        for side, ppl in (("fp16", r["baseline"]), ("variant", r["value"])):
+            assert r["bits_per_byte"][side] == pytest.approx(n * math.log(ppl) / (nbytes * math.log(2)), rel=1e-9)
+            assert r["word_perplexity"][side] == pytest.approx(math.exp(n * math.log(ppl) / words), rel=1e-9)
     assert "quantgate summary" in step_summary.read_text()
     summary = (pytester.path / "reports" / "quality-summary.md").read_text()
-    assert summary.count("tiny/close") == 4  # the main table and the distributions table
+    assert summary.count("tiny/close") == 6  # the main table, the tokenizer-independent one, the distributions
+    assert "| variant | backend | corpus | bytes | words | FP16 bits/byte | bits/byte | FP16 word PPL | word PPL |" in summary
     assert "Power: the smallest relative perplexity change" in summary
 
 

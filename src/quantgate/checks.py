@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from .errors import CannotTest, DeviceUnavailable, QuantgateError
@@ -123,6 +124,7 @@ class Gate:
                   noise_log_ratio=baseline.noise_log_ratio)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record_measurement(record, m, ev.reference_parameters(case.model))
+        record_text_measures(record, m, baseline)
         record.note = j.note
         if stats:
             record.distribution = stats.as_dict()
@@ -247,6 +249,17 @@ def record_measurement(record: Record, m, parameters: int | None) -> None:
     if record.size_bytes and parameters:
         record.bits_per_weight = round(record.size_bytes * 8 / parameters, 3)
     record.eval_seconds = round(m.seconds, 3)
+
+
+def record_text_measures(record: Record, m, baseline) -> None:
+    """Bits per byte and word perplexity, FP16's and the variant's, on the text the scored tokens cover."""
+    if m.text is None:
+        return
+    fp16 = m.text_measures(float(np.sum(baseline.logprobs, dtype=np.float64)))
+    variant = m.text_measures()
+    record.text = {"bytes": m.text.bytes, "words": m.text.words}
+    record.bits_per_byte = {"fp16": fp16["bits_per_byte"], "variant": variant["bits_per_byte"]}
+    record.word_perplexity = {"fp16": fp16["word_perplexity"], "variant": variant["word_perplexity"]}
 
 
 def task_details(cmp, spec, baseline, baseline_source: str) -> list[str]:

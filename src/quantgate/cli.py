@@ -167,7 +167,10 @@ def _measure_corpus_baseline(ev, subject, protocol, args, provenance: dict):
         provenance={**provenance, "backend": m.description.get("backend"), "eval_seconds": round(m.seconds, 2)},
         logprobs=m.scores.logprobs, doc_starts=m.doc_starts,
         topk_ids=m.scores.topk_ids, topk_logprobs=m.scores.topk_logprobs, noise=noise)
-    return baseline, (f"perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens "
+    text = m.text_measures()
+    on_text = (f"; {text['bits_per_byte']:.4f} bits per byte, word perplexity {text['word_perplexity']:.3f} over "
+               f"{m.text.bytes:,} bytes, {m.text.words:,} words" if m.text is not None and m.text.bytes and m.text.words else "")
+    return baseline, (f"perplexity {m.perplexity:.4f} over {m.scores.n:,} tokens{on_text} "
                       f"(protocol {protocol.fingerprint}, {time.perf_counter() - started:.1f}s)")
 
 

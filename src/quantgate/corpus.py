@@ -47,6 +47,15 @@ class TokenizedCorpus:
     ids: np.ndarray  # int64 token stream (BOS prepended if the protocol says so), token cap applied
     doc_starts: np.ndarray  # index in `ids` where each document's first token sits
     tokenizer_sha256: str
+    char_starts: np.ndarray | None = None  # per id, the index in the text of its first character (BOS: the next's)
+    char_end: int | None = None  # where the text of the last id ends (the next token's start under a token cap)
+
+    def span_text(self, first: int, end: int) -> str:
+        """The text of ids[first:end]: from the first one's first character to where the next token starts."""
+        if self.char_starts is None or self.char_end is None:
+            raise ValueError("this tokenized corpus has no character offsets")
+        stop = int(self.char_starts[end]) if end < len(self.ids) else self.char_end
+        return self.corpus.text[int(self.char_starts[first]):stop]
 
     @property
     def tokens_sha256(self) -> str:
@@ -175,13 +184,17 @@ def tokenize(corpus: Corpus, tokenizer, *, add_bos: bool, token_cap: int | None)
         doc_chars.append(pos)
         pos += len(doc) + len(corpus.joiner)
     doc_starts = np.searchsorted(token_starts, np.asarray(doc_chars, dtype=np.int64), side="left")
+    starts = np.asarray(token_starts, dtype=np.int64)
     if add_bos:
         if tokenizer.bos_token_id is None:
             raise QuantgateError("protocol asks for add_bos but the tokenizer has no BOS token")
         ids = np.concatenate([[tokenizer.bos_token_id], ids]).astype(np.int64)
         doc_starts = doc_starts + 1
+        starts = np.concatenate([starts[:1] if len(starts) else [0], starts]).astype(np.int64)
     if token_cap is not None:
         ids = ids[:token_cap]
         doc_starts = doc_starts[doc_starts < len(ids)]
+    char_end = int(starts[len(ids)]) if len(ids) < len(starts) else len(text)
     return TokenizedCorpus(corpus=corpus, ids=ids, doc_starts=np.unique(doc_starts),
-                           tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+                           tokenizer_sha256=tokenizer_fingerprint(tokenizer), char_starts=starts[:len(ids)],
+                           char_end=char_end)

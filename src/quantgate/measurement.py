@@ -15,6 +15,7 @@ from .perplexity import TokenScores
 from .protocol import Protocol
 from .residency import Residency
 from .stats import PairedComparison
+from .textmetrics import TextSize, text_size
 from .workspace import REFERENCE, Workspace
 
 
@@ -28,10 +29,19 @@ class Measurement:
     doc_starts: Any
     description: dict[str, Any]
     seconds: float
+    text: TextSize | None = None  # the text its scored tokens cover (textmetrics.py)
 
     @property
     def perplexity(self) -> float:
         return self.scores.perplexity
+
+    def text_measures(self, logprob_sum: float | None = None) -> dict[str, float | None]:
+        """Bits per byte and word perplexity of these scores (or of another total log-likelihood over the same
+        tokens, the baseline's) on the text they cover."""
+        total = float(np.sum(self.scores.logprobs, dtype=np.float64)) if logprob_sum is None else logprob_sum
+        if self.text is None:
+            return {"bits_per_byte": None, "word_perplexity": None}
+        return {"bits_per_byte": self.text.bits_per_byte(total), "word_perplexity": self.text.word_perplexity(total)}
 
 
 @dataclass
@@ -84,7 +94,7 @@ class Measurer:
         return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
                            doc_starts=reference_tokens.doc_starts,
                            description={**loaded.description, **loaded.backend.describe()},
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, text=text_size(reference_tokens, scores.positions))
 
     def compare(self, model: str, variant: str, corpus: str, baseline: Baseline) -> Comparison:
         """A variant measured at the baseline's top-k ids, compared with it token by token; cached per

@@ -19,6 +19,7 @@ def markdown(report: RunReport) -> str:
     records = report.records
     lines = [f"## quantgate summary (profile `{report.profile}`, device `{report.device}`)", ""]
     lines += perplexity_table(records)
+    lines += text_measures(records)
     lines += backends_side_by_side(records)
     lines += distributions(records)
     lines += other_metrics(records)
@@ -49,6 +50,23 @@ def perplexity_table(records: list[Record]) -> list[str]:
             "none" if r.bound is None else f"{r.bound:.4g}", verdict.replace("\n", " ").replace("|", "/"),
             _num(None if r.size_bytes is None else r.size_bytes / 1e6, ".1f"), _num(r.bits_per_weight, ".2f"),
         ]) + " |")
+    return lines
+
+
+def text_measures(records: list[Record]) -> list[str]:
+    """Bits per byte and word perplexity beside token perplexity: the same scores on the text's own scale, so
+    models with other tokenizers compare (textmetrics.py); reported, not gated."""
+    rows = [r for r in records if r.metric == "relative_perplexity" and r.bits_per_byte]
+    if not rows:
+        return []
+    lines = ["", "Tokenizer-independent measures (the text the scored tokens cover; not gated):", "",
+             "| variant | backend | corpus | bytes | words | FP16 bits/byte | bits/byte | FP16 word PPL | word PPL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        text, bpb, wppl = r.text or {}, r.bits_per_byte, r.word_perplexity or {}
+        lines.append(f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {text.get('bytes', '-'):,} | "
+                     f"{text.get('words', '-'):,} | {_num(bpb.get('fp16'), '.4f')} | {_num(bpb.get('variant'), '.4f')} | "
+                     f"{_num(wppl.get('fp16'), '.3f')} | {_num(wppl.get('variant'), '.3f')} |")
     return lines
 
 

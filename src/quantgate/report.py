@@ -47,6 +47,11 @@ class Record:
     distribution: dict[str, Any] | None = None  # paired statistics against FP16 (stats.PairedComparison)
     capability: str | None = None  # task records: what the task's score stands for
     placement: dict[str, Any] | None = None  # where its layers went (device_map, offload, n_gpu_layers): not protocol
+    # relative perplexity records: the text the scored tokens cover, and per side (fp16, variant) the
+    # tokenizer-independent measures on it (textmetrics.py); reported, not gated
+    text: dict[str, int] | None = None  # {"bytes", "words"}
+    bits_per_byte: dict[str, float | None] | None = None  # {"fp16", "variant"}
+    word_perplexity: dict[str, float | None] | None = None  # {"fp16", "variant"}
 
 
 @dataclass
