@@ -66,7 +66,7 @@ def text_measures(records: list[Record]) -> list[str]:
         text, bpb, wppl = r.text or {}, r.bits_per_byte, r.word_perplexity or {}
         lines.append(f"| {r.model}/{r.variant} | {r.backend or '-'} | {r.corpus} | {text.get('bytes', '-'):,} | "
                      f"{text.get('words', '-'):,} | {_num(bpb.get('fp16'), '.4f')} | {_num(bpb.get('variant'), '.4f')} | "
-                     f"{_num(wppl.get('fp16'), '.3f')} | {_num(wppl.get('variant'), '.3f')} |")
+                     f"{_num(wppl.get('fp16'), '.6g')} | {_num(wppl.get('variant'), '.6g')} |")
     return lines
 
 
