@@ -65,6 +65,8 @@ def test_a_failed_build_quotes_gptqmodel_and_the_next_build_gets_a_new_process(t
     reference = tiny_zoo_template / "models" / "reference"
     chunks = _calibration(reference)
     gptq_build.BuildProcess.close_all()
+    logs = Path(gptq_build.tempfile.gettempdir()).glob
+    before = set(logs("quantgate-gptqmodel-*.log"))
     with pytest.raises(RuntimeError) as failed:
         gptq_build.build_gptq(reference, tmp_path / "bad", calibration_texts=chunks, bits=4, group_size=48,
                               desc_act=False)  # 48 does not divide the layers' widths
@@ -72,6 +74,7 @@ def test_a_failed_build_quotes_gptqmodel_and_the_next_build_gets_a_new_process(t
     assert message.startswith("gptqmodel build of bad failed (build 1 of its process, exit 1):")
     assert "Traceback" in message or "Error" in message
     assert not gptq_build.BuildProcess._running  # that process ended with its failure
+    assert set(logs("quantgate-gptqmodel-*.log")) == before  # and its log went with it
     gptq_build.build_gptq(reference, tmp_path / "good", calibration_texts=chunks, **GPTQ4)
     assert (tmp_path / "good" / "config.json").is_file()
     gptq_build.BuildProcess.close_all()

@@ -205,10 +205,10 @@ class BuildProcess:
         self.builds += 1
         if reply == "ok":
             return None
-        self.close(kill=reply == "")
-        with self.log.open("rb") as log:
+        with self.log.open("rb") as log:  # the process has printed its traceback before answering (or died)
             log.seek(start)
             tail = "\n".join(log.read().decode(errors="replace").strip().splitlines()[-15:])
+        self.close(kill=reply == "")
         return f"(build {self.builds} of its process, exit {self.proc.returncode}):\n{tail}"
 
     def close(self, kill: bool = False) -> None:
@@ -225,12 +225,12 @@ class BuildProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.unlink(missing_ok=True)
 
     @classmethod
     def close_all(cls) -> None:
         for process in list(cls._running.values()):
             process.close()
-            process.log.unlink(missing_ok=True)
 
 
 def _build_here(
