@@ -80,13 +80,7 @@ def test_scoring_is_deterministic(tiny):
     assert runs[0] == runs[1] and np.isfinite(runs[0]["accuracy"])
 
 
-def test_a_shared_context_scores_as_the_plain_requests_do(tiny):
-    """loglikelihood_grouped (the context forwarded once, its KV cache shared by the continuations) against
-    loglikelihood on each (context, continuation): the same log-likelihoods within 1e-5, the same greedy flags;
-    a group that does not fit in max_length takes the plain path (cut from the left)."""
-    from quantgate.backends.base import ScoringBackend
-
-    backend, tok = tiny.backend, tiny.tokenizer
+def _shared_context_groups(tok):
     groups = []
     for n, prompt in enumerate(["def f3(x, y):\n    total =", "The river", "import numpy as np\nx = np.", "a"]):
         context = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -97,6 +91,47 @@ def test_a_shared_context_scores_as_the_plain_requests_do(tiny):
     # many continuations of one context (acc_pmi's neutral prompt): scored in parts of similar length
     many = [tok(" " + "x" * (1 + k % 7) + " y" * (k % 5), add_special_tokens=False)["input_ids"] for k in range(75)]
     groups.append((tok("\n", add_special_tokens=False)["input_ids"], many))
+    return groups
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_shared_context_scores_as_the_plain_requests_do(tiny, attention):
+    """loglikelihood_grouped (each context and its continuations packed in one row under a 4-D mask, boolean for
+    SDPA, additive for eager attention) against loglikelihood on each (context, continuation): the same
+    log-likelihoods within 1e-5, the same greedy flags; a group that does not fit in max_length takes the plain
+    path (cut from the left)."""
+    from quantgate.backends.hf import TransformersBackend
+
+    tiny.backend.model.set_attn_implementation(attention)
+    try:
+        backend, tok = TransformersBackend(tiny.backend.model, "cpu"), tiny.tokenizer
+        groups = _shared_context_groups(tok)
+        _assert_as_plain(backend, groups)
+        assert backend._packs is True
+    finally:
+        tiny.backend.model.set_attn_implementation("sdpa")
+
+
+def test_a_model_that_ignores_the_packing_mask_gets_plain_requests(tiny, monkeypatch):
+    """An attention that ignores a 4-D mask (FlashAttention's) would let a packed continuation see the ones before
+    it: the first packed group is checked against the plain path, and on a mismatch the backend warns and scores
+    every continuation with its own copy of the context."""
+    import torch
+
+    from quantgate.backends import hf
+
+    # a plain causal mask over the whole row, as an attention that drops the 4-D mask would apply
+    monkeypatch.setattr(hf, "_mask", lambda model, visible: torch.ones(visible.shape[0], visible.shape[-1]))
+    backend = hf.TransformersBackend(tiny.backend.model, "cpu")
+    groups = _shared_context_groups(tiny.tokenizer)
+    with pytest.warns(UserWarning, match="does not honour a 4-D mask"):
+        _assert_as_plain(backend, groups)
+    assert backend._packs is False
+
+
+def _assert_as_plain(backend, groups):
+    from quantgate.backends.base import ScoringBackend
+
     for batch_size in (1, 3):
         shared = backend.loglikelihood_grouped(groups, max_length=64, batch_size=batch_size)
         plain = ScoringBackend.loglikelihood_grouped(backend, groups, max_length=64, batch_size=batch_size)

@@ -12,8 +12,6 @@ from ..errors import NonFiniteScores
 from ..perplexity import Window
 from .base import ScoringBackend
 
-PART = 32  # continuations of one context scored in one pass at most (results do not depend on it)
-
 
 class TransformersBackend(ScoringBackend):
     name = "transformers"
@@ -27,6 +25,7 @@ class TransformersBackend(ScoringBackend):
         # transformers' causal LMs compute the output layer only at the positions asked for (logits_to_keep)
         forward = getattr(model, "forward", None)
         self._keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+        self._packs = None  # whether the model honours a 4-D attention mask (checked on first use)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}
@@ -60,30 +59,43 @@ class TransformersBackend(ScoringBackend):
                 yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
 
     def loglikelihood_grouped(self, groups, *, max_length: int, batch_size: int):
-        """Contexts forwarded once, `batch_size` of them per pass (right-padded, longest first); their KV cache,
-        each row repeated once per continuation, then scores every continuation in a second pass, as
-        lm-evaluation-harness shares a context between its continuations. A group whose context and longest
-        continuation do not fit in max_length goes through the plain path (cut from the left)."""
+        """Each context and its continuations in one row, forwarded once (`batch_size` rows per pass, longest
+        first): the continuations sit side by side after their context, each seeing the context and itself
+        only (a 4-D attention mask) at the positions it would have alone, as lm-evaluation-harness shares a
+        context between its continuations. A group whose context and longest continuation do not fit in
+        max_length goes through the plain path (cut from the left), and so does every group when the model
+        does not honour the mask (checked once on the first group against the plain path)."""
         out: list = [None] * len(groups)
         fits = [i for i, (ctx, conts) in enumerate(groups) if ctx and conts and len(ctx) + max(map(len, conts)) <= max_length]
+        if fits and self._packs is None:
+            self._packs = _packing_agrees(self, groups[fits[0]], max_length=max_length)
+        if not self._packs:
+            fits = []
         rest = sorted(set(range(len(groups))) - set(fits))
         for i, result in zip(rest, super().loglikelihood_grouped([groups[i] for i in rest], max_length=max_length,
                                                                  batch_size=batch_size), strict=True):
             out[i] = result
-        # A group of many continuations (acc_pmi's neutral prompt with every distinct choice) in parts of
-        # similar length, so that a pass pads each continuation to its neighbours' length, not the longest's.
+        # Many continuations of one context (acc_pmi's neutral prompt with every distinct choice) go in parts
+        # of similar length, each part's row at most max_length tokens of continuations long.
         parts, left = [], {}
         for i in fits:
             conts = groups[i][1]
-            order = sorted(range(len(conts)), key=lambda k: len(conts[k])) if len(conts) > PART else list(range(len(conts)))
-            for k in range(0, len(order), PART):
-                parts.append((i, order[k:k + PART]))
-            left[i], out[i] = -(-len(order) // PART), [None] * len(conts)
-        parts.sort(key=lambda part: -len(groups[part[0]][0]))
+            order = sorted(range(len(conts)), key=lambda k: len(conts[k])) if len(conts) > 8 else list(range(len(conts)))
+            begin = len(parts)
+            part, size = [], 0
+            for k in order:
+                if part and size + len(conts[k]) > max_length:
+                    parts.append((i, part))
+                    part, size = [], 0
+                part.append(k)
+                size += len(conts[k])
+            parts.append((i, part))
+            left[i], out[i] = len(parts) - begin, [None] * len(conts)
+        parts.sort(key=lambda p: -(len(groups[p[0]][0]) + sum(len(groups[p[0]][1][k]) for k in p[1])))
         step = max(1, batch_size)
         for begin in range(0, len(parts), step):
             chunk = parts[begin:begin + step]
-            results = _shared_contexts(self, [(groups[i][0], [groups[i][1][k] for k in ks]) for i, ks in chunk])
+            results = _packed(self, [(groups[i][0], [groups[i][1][k] for k in ks]) for i, ks in chunk])
             for (i, ks), result in zip(chunk, results, strict=True):
                 for k, r in zip(ks, result, strict=True):
                     out[i][k] = r
@@ -137,60 +149,86 @@ class TransformersBackend(ScoringBackend):
         return new
 
 
-def _shared_contexts(backend: TransformersBackend, groups) -> list[list[tuple[float, bool]]]:
-    """One pass over the contexts (right-padded), then one over every continuation from their KV cache."""
+def _packed(backend: TransformersBackend, groups) -> list[list[tuple[float, bool]]]:
+    """One pass over rows of [context, continuation 1, continuation 2, ...] (right-padded). Each continuation
+    attends to its context and to itself, with the positions it has after its context alone; the output layer
+    runs from the first position that predicts a continuation token on."""
     import torch
 
-    lengths = [len(ctx) for ctx, _ in groups]
-    ids = torch.zeros((len(groups), max(lengths)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (ctx, _) in enumerate(groups):
-        ids[row, :len(ctx)] = torch.as_tensor(list(ctx))
-        mask[row, :len(ctx)] = 1
-    # the output layer only at each context's last position: its row predicts the continuations' first token
-    last = sorted({n - 1 for n in lengths}) if backend._keeps_logits else list(range(ids.shape[1]))
-    keep = {"logits_to_keep": torch.as_tensor(last, device=backend.device)} if backend._keeps_logits else {}
-    column = {position: k for k, position in enumerate(last)}
+    rows = []
+    for ctx, conts in groups:
+        ids, positions, segment = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+        for k, c in enumerate(conts, 1):
+            ids += c
+            positions += range(len(ctx), len(ctx) + len(c))
+            segment += [k] * len(c)
+        rows.append((ids, positions, segment))
+    width = max(len(ids) for ids, _, _ in rows)
+    ids_t = torch.zeros((len(rows), width), dtype=torch.long)
+    positions_t = torch.zeros_like(ids_t)
+    segment_t = torch.full_like(ids_t, -1)  # -1: padding
+    for row, (ids, positions, segment) in enumerate(rows):
+        ids_t[row, :len(ids)], positions_t[row, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(positions)
+        segment_t[row, :len(ids)] = torch.as_tensor(segment)
+    query, key = segment_t[:, :, None], segment_t[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    visible |= torch.eye(width, dtype=torch.bool) & (query < 0)  # a pad sees itself, so no row is empty
+    lo = min(len(ctx) for ctx, _ in groups) - 1
+    keep = {"logits_to_keep": torch.arange(lo, width, device=backend.device)} if backend._keeps_logits else {}
+    lo = lo if keep else 0
     with torch.inference_mode():
-        first = backend.model(input_ids=ids.to(backend.device), attention_mask=mask.to(backend.device),
-                              use_cache=True, **keep)
-        heads = [torch.log_softmax(first.logits[row, column[n - 1]].float(), dim=-1) for row, n in enumerate(lengths)]
-        owners = [row for row, (_, conts) in enumerate(groups) for _ in conts]
-        conts = [list(c) for _, cs in groups for c in cs]
-        scored = _continuations(backend, conts, owners, lengths, mask, heads, _cache_of(first))
-    out, start = [], 0
-    for _, cs in groups:
-        out.append(scored[start:start + len(cs)])
-        start += len(cs)
+        logits = backend.model(input_ids=ids_t.to(backend.device), position_ids=positions_t.to(backend.device),
+                               attention_mask=_mask(backend.model, visible[:, None]).to(backend.device), **keep).logits
+    out = []
+    for row, (ctx, conts) in enumerate(groups):
+        logprobs = torch.log_softmax(logits[row].float(), dim=-1)
+        scored, start = [], len(ctx)
+        for c in conts:
+            at = torch.as_tensor([len(ctx) - 1] + list(range(start, start + len(c) - 1))) - lo
+            target = torch.as_tensor(c, device=logprobs.device)
+            picked = logprobs[at.to(logprobs.device)]
+            total = float(picked.gather(1, target[:, None]).double().sum())
+            if not math.isfinite(total):
+                raise NonFiniteScores(f"{backend.name} produced a non-finite log-likelihood")
+            scored.append((total, bool((picked.argmax(dim=1) == target).all())))
+            start += len(c)
+        out.append(scored)
     return out
 
 
-def _continuations(backend: TransformersBackend, conts, owners, lengths, context_mask, heads,
-                   cache) -> list[tuple[float, bool]]:
-    """Every continuation from its context's cached keys: positions go on from the context's own end."""
+def _mask(model, visible):
+    """The 4-D mask in the form the model's attention takes: boolean for SDPA, additive for the others."""
     import torch
 
-    width = max(map(len, conts))
-    ids = torch.zeros((len(conts), width), dtype=torch.long)
-    mask = torch.cat([context_mask[owners], torch.zeros((len(conts), width), dtype=torch.long)], dim=1)
-    positions = torch.zeros((len(conts), width), dtype=torch.long)
-    for row, (c, owner) in enumerate(zip(conts, owners, strict=True)):
-        ids[row, :len(c)] = torch.as_tensor(c)
-        mask[row, context_mask.shape[1]:context_mask.shape[1] + len(c)] = 1
-        positions[row] = torch.arange(lengths[owner], lengths[owner] + width)
-    cache.batch_select_indices(torch.as_tensor(owners, device=backend.device))
-    logits = backend.model(input_ids=ids.to(backend.device), attention_mask=mask.to(backend.device),
-                        position_ids=positions.to(backend.device), use_cache=True,
-                        **_cache_argument(backend.model, cache)).logits
-    out = []
-    for row, (c, owner) in enumerate(zip(conts, owners, strict=True)):
-        rows = torch.cat([heads[owner][None], torch.log_softmax(logits[row, :len(c) - 1].float(), dim=-1)])
-        target = torch.as_tensor(c, device=rows.device)
-        total = float(rows.gather(1, target[:, None]).double().sum())
-        if not math.isfinite(total):
-            raise NonFiniteScores(f"{backend.name} produced a non-finite log-likelihood")
-        out.append((total, bool((rows.argmax(dim=1) == target).all())))
-    return out
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return visible
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def _packing_agrees(backend: TransformersBackend, group, *, max_length: int) -> bool:
+    """Whether the packed rows score one group as separate requests do (an attention implementation that
+    ignores a 4-D mask, such as FlashAttention's, lets a continuation see the ones before it)."""
+    import warnings
+
+    ctx, conts = group
+    probe = (ctx, [list(c) for c in conts[:2]] + [list(conts[0])])  # a continuation after another one
+    try:
+        packed = _packed(backend, [probe])[0]
+    except (RuntimeError, TypeError, ValueError) as error:
+        warnings.warn(f"{backend.name}: the model does not take a 4-D attention mask ({error}); each continuation "
+                      "is scored with its own copy of the context", stacklevel=3)
+        return False
+    plain = backend.loglikelihood([(ctx, c) for c in probe[1]], max_length=max_length, batch_size=len(probe[1]))
+    low_precision = str(backend.model.dtype) in ("torch.float16", "torch.bfloat16")
+    tolerance = 5e-2 if low_precision else 1e-4
+    if all(abs(a - b) <= tolerance * (1 + abs(b)) for (a, _), (b, _) in zip(packed, plain, strict=True)):
+        return True
+    warnings.warn(f"{backend.name}: the model's attention does not honour a 4-D mask (a packed continuation scored "
+                  f"{packed[-1][0]:.4f} against {plain[-1][0]:.4f} alone); each continuation is scored with its own "
+                  "copy of the context", stacklevel=3)
+    return False
 
 
 def _load(path, *, fmt: str, dtype: str, device: str, what: str, tokenizer_path=None, placement=None):
@@ -228,15 +266,3 @@ def _register():
 
 BACKEND = _register()
 
-
-def _cache_of(output):
-    """The KV cache a forward returned (transformers 5 names it `cache`, earlier versions `past_key_values`)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def _cache_argument(model, cache) -> dict:
-    import inspect
-
-    takes_cache = "cache" in inspect.signature(model.forward).parameters
-    return {"cache": cache} if takes_cache else {"past_key_values": cache}
