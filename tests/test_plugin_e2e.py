@@ -141,6 +141,26 @@ def test_protocol_drift_fails_snapshot_and_refuses_comparison(pytester, tiny_zoo
     assert run(pytester).ret == 0
 
 
+@pytest.mark.parametrize("preset", ["lm-eval", "llama.cpp"])
+def test_a_protocol_preset_is_its_own_protocol(pytester, tiny_zoo_template, preset, tmp_path):
+    """Choosing a preset moves the protocol (its scoring rule and token stream): the stored baselines are refused,
+    a forced re-baseline under the preset passes the gate, and the JSON records the rule."""
+    from quantgate.presets import get_preset
+
+    manifest = make_project(pytester, tiny_zoo_template)
+    # the tiny corpora are short: windows of 32 give the bootstrap its 10 blocks under either rule
+    manifest.write_text(manifest.read_text().replace("max_length = 64\n", "max_length = 32\n")
+                        .replace("stride = 32", f'stride = 16\npreset = "{preset}"'))
+    out = run(pytester, "-k", "perplexity").stdout.str()
+    assert "the protocol differs from the baseline's in" in out and "scoring_rule" in out
+    assert cli.main(["baseline", "--manifest", str(manifest), "--all-profiles", "--no-snapshots", "--force"]) == 0
+    pytester.runpytest("-m", "quality", "--snapshot-update", "-p", "no:cacheprovider")
+    result = run(pytester, "--quality-json", str(tmp_path / "r.json"))
+    assert result.ret == 0, result.stdout.str()
+    baseline = json.loads((pytester.path / "baselines" / "tiny" / "code.full.json").read_text())
+    assert baseline["protocol"]["scoring_rule"] == get_preset(preset).rule
+
+
 def test_k_subset_does_not_fail_on_unselected_snapshots(pytester, tiny_zoo_template):
     make_project(pytester, tiny_zoo_template)
     result = run(pytester, "-k", "prose")

@@ -40,6 +40,7 @@ class ProtocolSettings:
     # (perplexity does not depend on it): the baseline records it and a change is refused there.
     top_k: int = 8
     task_items: int | None = None  # the first N items of each task (a tier's cap); part of each task's protocol
+    preset: str = "hf-sliding"  # the scoring rule (presets.py): hf-sliding, lm-eval, gptq-paper or llama.cpp
 
 
 @dataclass(frozen=True)
@@ -237,14 +238,23 @@ def _positive(file: Path, key: str, value: int | None) -> None:
 
 
 _PROTOCOL_KINDS = {"max_length": int, "stride": int, "batch_size": int, "token_cap": int,
-                   "add_bos": bool, "dtype": str, "top_k": int, "task_items": int}
+                   "add_bos": bool, "dtype": str, "top_k": int, "task_items": int, "preset": str}
+
+
+def _preset_names() -> tuple[str, ...]:
+    from .presets import PRESETS
+
+    return tuple(PRESETS)
+
+
+_PROTOCOL_CHOICES = {"dtype": lambda: DTYPES, "preset": _preset_names}
 
 
 def _protocol_overrides(t: _Table) -> dict[str, Any]:
     values = {}
     for name, kind in _PROTOCOL_KINDS.items():
         if name in t.data:
-            values[name] = t.take(name, kind, choices=DTYPES if name == "dtype" else None)
+            values[name] = t.take(name, kind, choices=_PROTOCOL_CHOICES[name]() if name in _PROTOCOL_CHOICES else None)
             _positive(t.file, t.key(name), values[name] if kind is int else None)
     return values
 

@@ -12,10 +12,11 @@ import numpy as np
 from . import progress
 from .baselines import Baseline
 from .perplexity import TokenScores
+from .presets import get_preset
 from .protocol import Protocol
 from .residency import Residency
 from .stats import PairedComparison
-from .textmetrics import TextSize, text_size
+from .textmetrics import TextSize
 from .workspace import REFERENCE, Workspace
 
 
@@ -83,18 +84,20 @@ class Measurer:
         backend_name = backend or self.ws.backend_of(model, variant)
         settings = self.ws.settings(model)
         protocol = self.ws.protocol(model, corpus, backend=backend_name)
-        reference_tokens = self.ws.tokenized(model, corpus, settings)
+        reference_tokens = self.ws.stream(model, corpus, settings)
+        windows = self.ws.windows(model, corpus, settings)
         loaded = self.residency.checkpoint(model, variant, backend_name)
         self.residency.check_tokenizer(model, variant, loaded, corpus)
         started = time.perf_counter()
         with progress.stage(f"{model}/{variant or 'reference'}: {corpus}", total=protocol.tokens_scored, unit="tok"):
             scores = loaded.backend.loglikelihood_rolling(reference_tokens.ids, max_length=settings.max_length,
                                                           stride=settings.stride, batch_size=settings.batch_size,
-                                                          top_k=top_k, gather_ids=gather_ids)
+                                                          top_k=top_k, gather_ids=gather_ids, windows=windows)
         return Measurement(model=model, variant=variant, corpus=corpus, protocol=protocol, scores=scores,
                            doc_starts=reference_tokens.doc_starts,
                            description={**loaded.description, **loaded.backend.describe()},
-                           seconds=time.perf_counter() - started, text=text_size(reference_tokens, scores.positions))
+                           seconds=time.perf_counter() - started,
+                           text=get_preset(settings.preset).text(reference_tokens, scores.positions))
 
     def compare(self, model: str, variant: str, corpus: str, baseline: Baseline) -> Comparison:
         """A variant measured at the baseline's top-k ids, compared with it token by token; cached per
@@ -132,7 +135,7 @@ class Measurer:
         """Per-token full KL(reference || variant): the reference loaded beside the resident variant."""
         from .backends import get_backend
         from .checkpoints.loading import load_checkpoint, release
-        from .divergence import exact_kl, windows_for
+        from .divergence import exact_kl
 
         backend = self.ws.backend_of(model, variant)
         settings, ref = self.ws.settings(model), self.ws.model(model)
@@ -140,8 +143,8 @@ class Measurer:
         reference = load_checkpoint(path, fmt=fmt, dtype=settings.dtype, device=self.ws.device,
                                     what=f"reference {model} (exact KL)", tokenizer_path=ref.path, backend=backend)
         try:
-            ids = self.ws.tokenized(model, corpus, settings).ids
-            windows = windows_for(len(ids), settings.max_length, settings.stride, None)
+            ids = self.ws.stream(model, corpus, settings).ids
+            windows = self.ws.windows(model, corpus, settings)
             return exact_kl(reference.backend, self.residency.checkpoint(model, variant, backend).backend, ids, windows,
                             settings.batch_size, settings.top_k, with_bound=False)["exact"]
         finally:

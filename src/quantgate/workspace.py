@@ -17,7 +17,7 @@ from .backends import DEFAULT_BACKEND, get_backend
 from .corpus import Corpus, TokenizedCorpus, load_corpus, tokenize
 from .errors import QuantgateError
 from .manifest import Manifest, ProtocolSettings, ReferenceModel, Variant, protocol_settings
-from .protocol import SCORING_RULE, Protocol, TaskProtocol, environment
+from .protocol import Protocol, TaskProtocol, environment
 
 REFERENCE = None  # variant name used for the FP16 reference itself
 
@@ -83,6 +83,24 @@ class Workspace:
                                             add_bos=settings.add_bos, token_cap=settings.token_cap)
         return self._tokenized[key]
 
+    def stream(self, model: str, corpus: str, settings: ProtocolSettings) -> TokenizedCorpus:
+        """The ids the model reads under the settings' preset (presets.py); the default's are `tokenized`'s."""
+        from .presets import DEFAULT, get_preset
+
+        if settings.preset == DEFAULT:
+            return self.tokenized(model, corpus, settings)
+        key = (model, corpus, settings.preset, settings.max_length, settings.token_cap)
+        if key not in self._tokenized:
+            self._tokenized[key] = get_preset(settings.preset).stream(self.corpus(corpus), self.reference_tokenizer(model),
+                                                                       settings)
+        return self._tokenized[key]
+
+    def windows(self, model: str, corpus: str, settings: ProtocolSettings) -> list:
+        """The windows the preset scores over `stream`."""
+        from .presets import get_preset
+
+        return get_preset(settings.preset).windows(self.stream(model, corpus, settings), settings)
+
     def task(self, model: str, name: str, profile: str | None = None):
         """The task's items under a profile's item cap, loaded once per session."""
         from .tasks.suite import load_task
@@ -113,16 +131,19 @@ class Workspace:
         return self._once("tokenizer", model, lambda: tokenizer_fingerprint(self.reference_tokenizer(model)))
 
     def protocol(self, model: str, corpus: str, profile: str | None = None, backend: str = DEFAULT_BACKEND) -> Protocol:
+        from .presets import get_preset
+
         s = self.settings(model, profile)
-        tok = self.tokenized(model, corpus, s)
+        tok = self.stream(model, corpus, s)
         source = self.corpus(corpus)
-        scored = require_windows(len(tok.ids), s, what=f"corpus {corpus!r} ({source.source})", model=model)
+        scored = require_windows(self.windows(model, corpus, s), len(tok.ids), s,
+                                 what=f"corpus {corpus!r} ({source.source})", model=model)
         return Protocol(
             corpus=corpus, corpus_source=source.source, text_sha256=source.text_sha256, documents=len(source.documents),
             joiner=self.manifest.corpora[corpus].joiner.encode("unicode_escape").decode("ascii"),  # one line in diffs
             tokenizer_sha256=tok.tokenizer_sha256, tokens_sha256=tok.tokens_sha256,
             add_bos=s.add_bos, max_length=s.max_length, stride=s.stride, token_cap=s.token_cap,
-            scoring_rule=SCORING_RULE, **get_backend(backend).numerics(s.dtype, self.device),
+            scoring_rule=get_preset(s.preset).rule, **get_backend(backend).numerics(s.dtype, self.device),
             tokens_scored=scored, backend=backend,
         )
 
@@ -138,20 +159,20 @@ class Workspace:
         return environment(self.device)
 
 
-def require_windows(tokens: int, s: ProtocolSettings, *, what: str, model: str) -> int:
-    """Tokens scored under the settings; an error when the corpus is too short to score, or to bootstrap."""
-    from .perplexity import count_scored, plan_windows
+def require_windows(windows: list, tokens: int, s: ProtocolSettings, *, what: str, model: str) -> int:
+    """Tokens scored in the windows; an error when the corpus is too short to score, or to bootstrap."""
     from .stats import MIN_BLOCKS
 
-    scored = count_scored(tokens, s.max_length, s.stride)
+    scored = sum(w.n_scored for w in windows)
     if scored == 0:
         raise QuantgateError(f"{what} gives {tokens} token(s) with {model}'s tokenizer: nothing to score (a "
                              "prediction needs 2 tokens)")
-    windows = len(plan_windows(tokens, s.max_length, s.stride))
+    windows = len(windows)
     if windows < MIN_BLOCKS:
+        rule = f"stride {s.stride}" if s.preset == "hf-sliding" else f"preset {s.preset!r}"
         raise QuantgateError(
             f"{what} gives {tokens:,} token(s) with {model}'s tokenizer: {scored:,} scored in {windows} window(s) of "
-            f"max_length {s.max_length}, stride {s.stride}. The gate needs at least {MIN_BLOCKS} windows to put a "
+            f"max_length {s.max_length}, {rule}. The gate needs at least {MIN_BLOCKS} windows to put a "
             f"confidence interval on a change (paired block bootstrap), so with this corpus it could not tell a broken "
             f"variant from noise. Use a longer text, or a smaller max_length and stride for {model} "
             f"([models.{model}.protocol])")

@@ -69,8 +69,11 @@ class ScoringBackend(abc.ABC):
         return out
 
     def loglikelihood_rolling(self, ids: np.ndarray, *, max_length: int, stride: int, batch_size: int,
-                              top_k: int = 0, gather_ids: np.ndarray | None = None) -> TokenScores:
-        windows = plan_windows(len(ids), max_length, stride)
+                              top_k: int = 0, gather_ids: np.ndarray | None = None,
+                              windows: Sequence[Window] | None = None) -> TokenScores:
+        """Every scored target's log-probability: over `windows` when given (a protocol preset's), else the
+        sliding windows of max_length every stride tokens."""
+        windows = plan_windows(len(ids), max_length, stride) if windows is None else list(windows)
         positions = scored_positions(windows)
         if gather_ids is not None and len(gather_ids) != len(positions):
             raise ValueError(f"gather_ids has {len(gather_ids)} rows for {len(positions)} scored targets")
