@@ -239,6 +239,51 @@ def cmd_protocol(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .evaluation import Evaluator, resolve_device
+    from .presets import PRESETS
+    from .sweep import figure, grid, markdown, run_sweep
+
+    manifest = _manifest(args)
+    ev = Evaluator(manifest=manifest, profile=args.profile or manifest.default_profile, device=resolve_device(args.device))
+    (model,) = args.model or [next(iter(manifest.models))]
+    if model not in manifest.models:
+        raise QuantgateError(f"no model {model!r} in {manifest.path}; the models are {sorted(manifest.models)}")
+    declared = [v.name for v in manifest.models[model].variants]
+    unknown = [v for v in args.variant or () if v not in declared]
+    if unknown:
+        raise QuantgateError(f"model {model!r} has no variant {unknown[0]!r}; its variants are {declared}")
+    corpus = args.corpus or manifest.models[model].corpora[0]
+    length = ev.settings(model).max_length
+    points = grid(args.preset or list(PRESETS), args.max_length or [length // 2, length], args.stride or [0.5, 1.0])
+    rows = run_sweep(ev, model, corpus, args.variant or [], points)
+    text = markdown(rows, model=model, corpus=corpus)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"sweep-{model}-{corpus}.md").write_text(text)
+        for path in figure(rows, out, model=model, corpus=corpus):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _sweep_parser(sub) -> None:
+    sp = sub.add_parser("sweep", help="one model's perplexity (FP16 and variants) and ratios under a grid of protocol "
+                        "presets, max_length and stride: a table, and a plot with --out")
+    _common(sp)
+    sp.add_argument("--corpus", default=None, help="default: the model's first corpus")
+    sp.add_argument("--variant", action="append", default=None, help="variant(s) beside FP16 (default: none)")
+    sp.add_argument("--preset", action="append", default=None, help="default: every preset")
+    sp.add_argument("--max-length", action="append", type=int, default=None,
+                    help="default: the protocol's max_length and half of it")
+    sp.add_argument("--stride", action="append", type=float, default=None,
+                    help="hf-sliding's strides as fractions of max_length (default: 0.5 and 1)")
+    sp.add_argument("--profile", default=None, help="the profile whose token cap and settings apply")
+    sp.add_argument("--out", default=None, metavar="DIR", help="write the table (Markdown) and the plot (PNG, SVG)")
+    sp.set_defaults(func=cmd_sweep)
+
+
 def cmd_report(args) -> int:
     from .report import RunReport, replace_marked_section
 
@@ -415,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--profile", default=None)
     pr.set_defaults(func=cmd_protocol)
     _report_parser(sub)
+    _sweep_parser(sub)
     _init_parser(sub)
     cp = sub.add_parser("compare", help="what changed between two --quality-json runs (exit 1 when a passing check "
                         "now fails)")
