@@ -13,6 +13,7 @@ from .errors import CannotTest, DeviceUnavailable, QuantgateError
 from .evaluation import Evaluator
 from .gate import FAIL, REVERSAL, XFAIL, judge, judge_metric
 from .metrics import RELATIVE_PERPLEXITY, TASK_SCORE_DROP
+from .overlap import calibration_overlap
 from .protocol import environment_changes
 from .report import Record, RunReport
 from .thresholds import TableRow, choose_bound, distribution_bound, drop_bound, find_row
@@ -117,12 +118,14 @@ class Gate:
         baseline, comparison, m = self._measure(case, record)
         stats = comparison.stats if comparison else None
         tolerance = variant.reversal_tolerance if variant.reversal_tolerance is not None else ref.reversal_tolerance
+        overlap = calibration_overlap(ev.workspace, case.model, case.variant, case.corpus)
         j = judge(variant=f"{case.model}/{case.variant}", corpus=case.corpus, value=m.perplexity, baseline=baseline.perplexity,
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
                   baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line(m),
                   ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance,
-                  noise_log_ratio=baseline.noise_log_ratio)
+                  noise_log_ratio=baseline.noise_log_ratio, calibration=overlap)
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
+        record.calibration_overlap = overlap.share if overlap is not None else None
         record_measurement(record, m, ev.reference_parameters(case.model))
         record_text_measures(record, m, baseline)
         record.note = j.note

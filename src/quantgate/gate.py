@@ -100,12 +100,24 @@ def decide_exceedance(value: float, interval: Interval | None, bound: float, *, 
     return rule == "point", wording
 
 
+def _reversal_advice(calibration) -> str:
+    """What to check about a reversal; with the variant's calibration overlap measured (overlap.py), its verdict."""
+    if calibration is not None and calibration.attributed:
+        return ("Attributed to calibration on the evaluation text: " + calibration.describe()
+                + "; measure it on text the calibration did not see.")
+    advice = "Investigate before trusting it: same protocol on both sides? outlier handling? "
+    if calibration is None:
+        return advice + "calibration data overlapping the evaluation text?"
+    return advice + f"(not calibration overlap: {calibration.describe()})"
+
+
 def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bound,
           reversal_tolerance: float, tokens: int, baseline_source: str, protocol_line: str,
-          ratio_interval: Interval | None = None, rule: str = "point", noise_log_ratio: float = 0.0) -> Judgement:
+          ratio_interval: Interval | None = None, rule: str = "point", noise_log_ratio: float = 0.0,
+          calibration=None) -> Judgement:
     """noise_log_ratio: how far re-scoring the reference moved log(perplexity) on this device (the
     baseline's measured noise floor; 0 on CPU). Bounds and the reversal line widen by it and by the
-    floating-point tolerance."""
+    floating-point tolerance. calibration: an overlap.CalibrationOverlap, shown and blamed above its share."""
     ratio = value / baseline
     if not math.isfinite(ratio):
         raise ValueError(f"{variant} on {corpus}: relative perplexity {ratio} is not finite")
@@ -118,13 +130,11 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
     one = 1.0 / slack  # below this, lower than FP16 by more than the device's own noise
     significant_reversal = ratio < one if ratio_interval is None else ratio_interval.high < one
     interval_text = "" if ratio_interval is None else f", 95% interval {ratio_interval}"
-    reversal_advice = ("Investigate before trusting it: same protocol on both sides? outlier handling? "
-                       "calibration data overlapping the evaluation text?")
     if significant_reversal and ratio < (1.0 - reversal_tolerance) / slack:
         outcome = REVERSAL
         headline = (f"{variant} on {corpus}: PERPLEXITY REVERSAL, the quantized model scores "
                     f"{(1 - ratio) * 100:.2f}% below FP16{interval_text} (tolerance {reversal_tolerance * 100:.2f}%). "
-                    + reversal_advice)
+                    + _reversal_advice(calibration))
     elif bound.value is None:
         outcome = XFAIL
         headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f}{interval_text}; the table row is "
@@ -145,7 +155,7 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
                 note = f"point estimate beyond the bound, {wording}; passes under the interval rule"
     if outcome == PASS and significant_reversal and ratio_interval is not None:
         note = (f"significant reversal: {(1 - ratio) * 100:.2f}% below FP16{interval_text}, within the "
-                f"{reversal_tolerance * 100:.2f}% tolerance. " + reversal_advice)
+                f"{reversal_tolerance * 100:.2f}% tolerance. " + _reversal_advice(calibration))
     bound_text = "none (open-ended row)" if bound.value is None else f"{bound.value:.4g} ({bound.source})"
     message = "\n".join([
         headline,
@@ -157,6 +167,7 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
         f"  protocol  : {protocol_line}",
         *([f"  noise     : bound and reversal line widened by x{math.exp(noise_log_ratio):.6f}, the reference's own re-scoring spread "
            "on this device"] if noise_log_ratio else []),
+        *([f"  calibration: {calibration.describe()}"] if calibration is not None else []),
         *([f"  note      : {note}"] if note else []),
     ])
     return Judgement(outcome=outcome, ratio=ratio, bound=bound.value, marginal=marginal, message=message, note=note)

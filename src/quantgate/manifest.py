@@ -139,6 +139,9 @@ class Manifest:
     exceedance: str = "point"  # "point" | "interval": when a metric beyond its bound fails (gate.py)
     cache_dir: Path | None = None  # token ids of corpora and task texts (tokencache.py); None: memory only
     plugins: tuple[str, ...] = ()  # modules imported on load ([quantgate] plugins)
+    # the share of an evaluation corpus's n-grams found in a variant's calibration text at and above which a
+    # perplexity reversal on that corpus is attributed to calibrating on it (overlap.py)
+    calibration_overlap: float = 0.05
 
     def profile_names(self) -> list[str]:
         names = {self.default_profile}
@@ -406,6 +409,9 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
     reversal_tolerance = settings.take("reversal_tolerance", (int, float), 0.005)
     table = settings.take("table", str, None)
     exceedance = settings.take("exceedance", str, "point", choices=("point", "interval"))
+    calibration_overlap = float(settings.take("calibration_overlap", (int, float), 0.05))
+    if not 0 < calibration_overlap <= 1:
+        raise ManifestError(path, "quantgate.calibration_overlap", f"must be a share in (0, 1]; got {calibration_overlap}")
     plugins = _plugins(settings, root)
     settings.done()
 
@@ -428,7 +434,7 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
         raise ManifestError(path, "models", "declares no reference model")
     return Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
                     cache_dir=cache_dir, default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
-                    table=root / table if table else None, plugins=plugins)
+                    table=root / table if table else None, plugins=plugins, calibration_overlap=calibration_overlap)
 
 
 def _plugins(settings: _Table, root: Path) -> tuple[str, ...]:

@@ -75,10 +75,17 @@ def methods(records: list[Record]) -> list[str]:
     by_variant = {(r.model, r.variant): r for r in records if r.scheme or r.calibration or r.outlier_handling}
     if not by_variant:
         return []
-    lines = ["", "| variant | scheme | group size | desc_act | outlier handling | calibration |", "|---|---|---|---|---|---|"]
+    overlap: dict[tuple, dict[str, float]] = {}
+    for r in records:  # the calibration text's share of each evaluation corpus's n-grams (overlap.py)
+        if r.metric == "relative_perplexity" and r.calibration_overlap is not None:
+            overlap.setdefault((r.model, r.variant), {})[r.corpus] = r.calibration_overlap
+    lines = ["", "| variant | scheme | group size | desc_act | outlier handling | calibration | calibration overlap "
+             "(8-grams of each corpus) |", "|---|---|---|---|---|---|---|"]
     for (model, variant), r in by_variant.items():
+        shares = ", ".join(f"{c} {v:.2%}" for c, v in sorted(overlap.get((model, variant), {}).items())) or "-"
         lines.append(f"| {model}/{variant} | {r.scheme or '-'} | {r.group_size or '-'} | "
-                     f"{'-' if r.desc_act is None else r.desc_act} | {r.outlier_handling or '-'} | {r.calibration or '-'} |")
+                     f"{'-' if r.desc_act is None else r.desc_act} | {r.outlier_handling or '-'} | {r.calibration or '-'} "
+                     f"| {shares} |")
     return lines
 
 

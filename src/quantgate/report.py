@@ -52,6 +52,7 @@ class Record:
     text: dict[str, int] | None = None  # {"bytes", "words"}
     bits_per_byte: dict[str, float | None] | None = None  # {"fp16", "variant"}
     word_perplexity: dict[str, float | None] | None = None  # {"fp16", "variant"}
+    calibration_overlap: float | None = None  # share of the corpus's n-grams in the variant's calibration text
 
 
 @dataclass
