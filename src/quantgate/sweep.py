@@ -120,12 +120,14 @@ def figure(rows: Sequence[SweepRow], out_dir: Path, *, model: str, corpus: str) 
     by = {(r.point, r.variant): r for r in rows}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     x = range(len(points))
-    for v in variants:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, v in enumerate(variants):  # one colour per checkpoint on both sides
         ppl = [by[(p, v)].perplexity for p in points]
         middle = median(ppl)
-        left.plot(x, [100 * (q / middle - 1) for q in ppl], marker="o", label=v)
+        style = dict(marker="o", label=v, color=colors[k % len(colors)])
+        left.plot(x, [100 * (q / middle - 1) for q in ppl], **style)
         if by[(points[0], v)].ratio is not None:
-            right.plot(x, [100 * (by[(p, v)].ratio - 1) for p in points], marker="o", label=v)
+            right.plot(x, [100 * (by[(p, v)].ratio - 1) for p in points], **style)
     left.set_ylabel("percent")
     left.set_title(f"{model} on {corpus}: perplexity, % from its median over the grid", fontsize=9)
     right.set_title("ratio to FP16 under the same protocol, % above 1", fontsize=9)
