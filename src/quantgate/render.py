@@ -25,6 +25,7 @@ def markdown(report: RunReport) -> str:
     lines += other_metrics(records)
     lines += tasks(records)
     lines += methods(records)
+    lines += ablations(records, report.device)
     lines += builds(report.builds)
     lines += environment_changes(report.environment_changes)
     return "\n".join(lines) + "\n"
@@ -87,6 +88,13 @@ def methods(records: list[Record]) -> list[str]:
                      f"{'-' if r.desc_act is None else r.desc_act} | {r.outlier_handling or '-'} | {r.calibration or '-'} "
                      f"| {shares} |")
     return lines
+
+
+def ablations(records: list[Record], device: str) -> list[str]:
+    """Pairs of variants that differ in one declared factor, side by side (ablation.py)."""
+    from .ablation import markdown as ablation_markdown
+
+    return ablation_markdown(records, device)
 
 
 def builds(differences: dict[str, str]) -> list[str]:
