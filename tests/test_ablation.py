@@ -40,3 +40,10 @@ def test_the_table_shows_both_sides_their_difference_speed_tasks_and_reversal_pa
     assert "- m/g128 reverses on wiki; its desc_act partner act also reverses" in text
     assert "- m/act reverses on wiki; its desc_act partner g128 also reverses" in text
     assert markdown([RECORDS[0]], "cpu") == []
+
+
+def test_a_variant_that_was_not_measured_leaves_its_pairs_out():
+    """A failed build or a missing checkpoint gives a record without a ratio: no row, no crash."""
+    unmeasured = Record(**{**RECORDS[1].__dict__, "ratio": None, "distribution": None, "verdict": "cannot test"})
+    text = "\n".join(markdown([RECORDS[0], unmeasured], "cpu"))
+    assert "| wiki |" not in text

@@ -81,7 +81,7 @@ def markdown(records: list[Record], device: str) -> list[str]:
                               and r.metric == "relative_perplexity"}):
             a, b = (by.get((p.model, p.backend, v, "relative_perplexity", corpus)) for v in (p.first, p.second))
             ka, kb = (by.get((p.model, p.backend, v, "kl_divergence", corpus)) for v in (p.first, p.second))
-            if not (a and b):
+            if not (a and b) or a.ratio is None or b.ratio is None:  # one side not measured (cannot test, error)
                 continue
             cells = [_ratio(a), _ratio(b), f"{b.ratio - a.ratio:+.4f}", _kl(ka), _kl(kb), _speed(a, device),
                      _speed(b, device)]
