@@ -47,3 +47,7 @@ def test_a_variant_that_was_not_measured_leaves_its_pairs_out():
     unmeasured = Record(**{**RECORDS[1].__dict__, "ratio": None, "distribution": None, "verdict": "cannot test"})
     text = "\n".join(markdown([RECORDS[0], unmeasured], "cpu"))
     assert "| wiki |" not in text
+    # an error record from a worker that died carries no backend at all
+    crashed = Record(model="m", variant="lost", corpus="wiki", metric="relative_perplexity", format="?", bits=None,
+                     verdict="error")
+    assert find_pairs([*RECORDS, crashed]) == find_pairs(RECORDS)

@@ -40,9 +40,9 @@ def _differing(a: Record, b: Record) -> list[str]:
 
 
 def find_pairs(records: list[Record]) -> list[Pair]:
-    variants = {(r.model, r.backend, r.variant): r for r in records if r.metric == "relative_perplexity"}
+    variants = {(r.model, r.backend or "", r.variant): r for r in records if r.metric == "relative_perplexity"}
     pairs = []
-    keys = sorted(variants)
+    keys = sorted(variants)  # an error record may have no backend: "" sorts with the rest
     for i, (model, backend, first) in enumerate(keys):
         for model2, backend2, second in keys[i + 1:]:
             if (model2, backend2) != (model, backend):
