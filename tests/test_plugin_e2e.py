@@ -141,7 +141,7 @@ def test_protocol_drift_fails_snapshot_and_refuses_comparison(pytester, tiny_zoo
     assert run(pytester).ret == 0
 
 
-@pytest.mark.parametrize("preset", ["lm-eval", "llama.cpp"])
+@pytest.mark.parametrize("preset", ["lm-eval"])  # every preset's rule: tests/test_presets.py
 def test_a_protocol_preset_is_its_own_protocol(pytester, tiny_zoo_template, preset, tmp_path):
     """Choosing a preset moves the protocol (its scoring rule and token stream): the stored baselines are refused,
     a forced re-baseline under the preset passes the gate, and the JSON records the rule."""

@@ -25,15 +25,13 @@ def test_sweep_writes_the_table_and_plot_and_agrees_with_the_baseline(tiny_proje
     capsys.readouterr()
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--manifest", str(manifest), "--corpus", "code", "--variant", "close",
-                     "--preset", "hf-sliding", "--preset", "lm-eval", "--max-length", "32", "--max-length", "64",
-                     "--out", str(out)]) == 0
+                     "--preset", "hf-sliding", "--preset", "lm-eval", "--max-length", "64", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert (out / "sweep-tiny-code.md").read_text() == text
     assert (out / "sweep-tiny-code.png").stat().st_size > 0 and (out / "sweep-tiny-code.svg").exists()
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()
             if line.startswith("| hf-sliding") or line.startswith("| lm-eval")}
-    assert set(rows) == {"hf-sliding 32/16", "hf-sliding 32/32", "hf-sliding 64/32", "hf-sliding 64/64",
-                         "lm-eval 32", "lm-eval 64"}
+    assert set(rows) == {"hf-sliding 64/32", "hf-sliding 64/64", "lm-eval 64"}
     own = rows["hf-sliding 64/32"]  # the manifest's max_length 64, stride 32
     assert float(own[1]) == float(f"{stored['summary']['perplexity']:.4g}")
     reference, variant, ratio = float(own[1]), float(own[2]), float(own[3].strip(" |"))
