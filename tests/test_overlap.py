@@ -25,6 +25,15 @@ path = "models/uniform"
 max_ratio = 1.05
 calibration = "planted"
 
+# the same checkpoint declared without calibration text: an ablation partner of "uniform" (calibration only)
+[[models.tiny.variants]]
+name = "uniform-twin"
+format = "fp16"
+bits = 16
+path = "models/uniform"
+max_ratio = 1.05
+calibration = "none"
+
 [corpora.planted]
 description = "the code corpus itself, planted as calibration text"
 path = "json"
@@ -50,7 +59,12 @@ def test_calibration_planted_in_an_evaluation_corpus_takes_the_blame_for_its_rev
     prose = out[out.index("tiny/uniform on prose"):]
     assert "(not calibration overlap: calibration text 'planted' holds" in prose and "Attributed" not in prose.split("\n\n")[0]
     records = {r["corpus"]: r for r in json.loads((tmp_path / "r.json").read_text())["records"]
-               if r["metric"] == "relative_perplexity"}
+               if r["metric"] == "relative_perplexity" and r["variant"] == "uniform"}
     assert records["code"]["calibration_overlap"] == 1.0 and records["prose"]["calibration_overlap"] < 0.05
     summary = (pytester.path / "reports" / "quality-summary.md").read_text()
     assert "| tiny/uniform |" in summary and "code 100.00%, prose " in summary
+    # its ablation partner: named in the message when its check ran (measured after it, so not yet), and in the
+    # record's note with its status once the run had both
+    assert "Ablation partners: uniform-twin (calibration) not measured yet." in out
+    assert ("Ablation partners: uniform (calibration) also reverses (" in out[out.index("tiny/uniform-twin on code"):])
+    assert records["code"]["note"].startswith("Ablation partners: uniform-twin (calibration) also reverses (0.0008 [")

@@ -88,6 +88,17 @@ class Gate:
         self.report.records.append(record)
         return record, variant
 
+    def _partners(self, case: Case, variant) -> str:
+        """The variant's ablation partners from the manifest, with the status of those this process has measured
+        on the corpus (the end of the run gives every partner's: ablation.annotate_reversals)."""
+        from .ablation import pairs_among, partner_status, partners, partners_sentence
+
+        ref = self.evaluator.model(case.model)
+        named = partners(pairs_among({(case.model, v.backend, v.name): v for v in ref.variants}), case.variant)
+        measured = {r.variant: r for r in self.report.records if (r.model, r.corpus, r.metric, r.backend)
+                    == (case.model, case.corpus, "relative_perplexity", variant.backend)}
+        return partners_sentence(named, {n: partner_status(measured.get(n)) for _, n in named})
+
     def _measure(self, case: Case, record: Record):
         """(baseline, comparison or None, plain measurement or None), as skips/failures that say why."""
         ev = self.evaluator
@@ -123,14 +134,14 @@ class Gate:
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
                   baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line(m),
                   ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance,
-                  noise_log_ratio=baseline.noise_log_ratio, calibration=overlap)
+                  noise_log_ratio=baseline.noise_log_ratio, calibration=overlap, partners=self._partners(case, variant))
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.calibration_overlap = overlap.share if overlap is not None else None
         record_measurement(record, m, ev.reference_parameters(case.model))
         record_text_measures(record, m, baseline)
         record.note = j.note
         if stats:
-            record.distribution = stats.as_dict()
+            record.distribution, record.windows = stats.as_dict(), stats.windows
         if j.note:
             import warnings
 

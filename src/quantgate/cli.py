@@ -402,6 +402,7 @@ def cmd_compare(args) -> int:
 
 def cmd_merge(args) -> int:
     """The shards of one run joined: one summary, one JSON, one exit status (shard.py)."""
+    from .ablation import annotate_reversals
     from .report import RunReport
     from .shard import check_shards, merged_status
 
@@ -412,6 +413,7 @@ def cmd_merge(args) -> int:
                        environment_changes={k: v for _, run in runs for k, v in run.environment_changes.items()},
                        builds={k: v for _, run in runs for k, v in run.builds.items()},
                        records=[r for _, run in sorted(runs, key=lambda pr: pr[1].shard["index"]) for r in run.records])
+    annotate_reversals(merged.records)  # every shard's records meet here: each reversal's partners, all of them
     merged.write(Path(args.json_out) if args.json_out else None, Path(args.summary) if args.summary else None)
     print(merged.markdown())
     statuses = [run.shard.get("exit_status", 0) for _, run in runs]

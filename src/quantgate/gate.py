@@ -100,8 +100,13 @@ def decide_exceedance(value: float, interval: Interval | None, bound: float, *, 
     return rule == "point", wording
 
 
-def _reversal_advice(calibration) -> str:
-    """What to check about a reversal; with the variant's calibration overlap measured (overlap.py), its verdict."""
+def _reversal_advice(calibration, partners: str = "") -> str:
+    """What to check about a reversal; with the variant's calibration overlap measured (overlap.py), its verdict;
+    then its ablation partners (ablation.py), which point at a factor when they do not reverse."""
+    return _overlap_advice(calibration) + (f" {partners}" if partners else "")
+
+
+def _overlap_advice(calibration) -> str:
     if calibration is not None and calibration.attributed:
         return ("Attributed to calibration on the evaluation text: " + calibration.describe()
                 + "; measure it on text the calibration did not see.")
@@ -114,7 +119,7 @@ def _reversal_advice(calibration) -> str:
 def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bound,
           reversal_tolerance: float, tokens: int, baseline_source: str, protocol_line: str,
           ratio_interval: Interval | None = None, rule: str = "point", noise_log_ratio: float = 0.0,
-          calibration=None) -> Judgement:
+          calibration=None, partners: str = "") -> Judgement:
     """noise_log_ratio: how far re-scoring the reference moved log(perplexity) on this device (the
     baseline's measured noise floor; 0 on CPU). Bounds and the reversal line widen by it and by the
     floating-point tolerance. calibration: an overlap.CalibrationOverlap, shown and blamed above its share."""
@@ -134,7 +139,7 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
         outcome = REVERSAL
         headline = (f"{variant} on {corpus}: PERPLEXITY REVERSAL, the quantized model scores "
                     f"{(1 - ratio) * 100:.2f}% below FP16{interval_text} (tolerance {reversal_tolerance * 100:.2f}%). "
-                    + _reversal_advice(calibration))
+                    + _reversal_advice(calibration, partners))
     elif bound.value is None:
         outcome = XFAIL
         headline = (f"{variant} on {corpus}: relative perplexity {ratio:.4f}{interval_text}; the table row is "
@@ -155,7 +160,7 @@ def judge(*, variant: str, corpus: str, value: float, baseline: float, bound: Bo
                 note = f"point estimate beyond the bound, {wording}; passes under the interval rule"
     if outcome == PASS and significant_reversal and ratio_interval is not None:
         note = (f"significant reversal: {(1 - ratio) * 100:.2f}% below FP16{interval_text}, within the "
-                f"{reversal_tolerance * 100:.2f}% tolerance. " + _reversal_advice(calibration))
+                f"{reversal_tolerance * 100:.2f}% tolerance. " + _reversal_advice(calibration, partners))
     bound_text = "none (open-ended row)" if bound.value is None else f"{bound.value:.4g} ({bound.source})"
     message = "\n".join([
         headline,

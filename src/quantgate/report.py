@@ -53,6 +53,9 @@ class Record:
     bits_per_byte: dict[str, float | None] | None = None  # {"fp16", "variant"}
     word_perplexity: dict[str, float | None] | None = None  # {"fp16", "variant"}
     calibration_overlap: float | None = None  # share of the corpus's n-grams in the variant's calibration text
+    # relative perplexity records: per scoring window, tokens and sums of NLL_variant - NLL_fp16 and of KL
+    # (stats.window_sums), so that two variants pair window by window wherever their records meet (ablation.py)
+    windows: dict[str, list] | None = None
 
 
 @dataclass

@@ -192,6 +192,10 @@ class QualitySession:
                              skipped=len(self.skipped), bisect=self.bisect, strict=self.strict)
         if self.role == WORKER:
             return status
+        if self.report is not None:
+            from .ablation import annotate_reversals
+
+            annotate_reversals(self.report.records)
         if self.shard is not None:
             if self.report is None:
                 from .report import RunReport

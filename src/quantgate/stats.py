@@ -14,7 +14,7 @@ a fixed seed: the same inputs give the same interval on every run.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -135,9 +135,13 @@ class PairedComparison:
     top1_plain: float = math.nan  # the variant's top token is FP16's, no near-tie excused (llama.cpp's "same top")
     tie_flips: int = 0  # tokens whose top token changed to one FP16 rated within the tie width of its own
     near_ties: float = 0.0  # share of tokens whose FP16 first and second choices lie within the tie width
+    # per scoring window: tokens, and the sums of NLL_variant - NLL_reference and of KL over them. Two variants
+    # scored on the same windows pair through these window by window (`paired_difference`); not in as_dict
+    windows: dict = field(default_factory=dict, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        d.pop("windows")
         for key in ("kl_interval", "top1_interval", "ppl_ratio_interval"):
             value = getattr(self, key)
             d[key] = None if value is None else [value.low, value.high]
@@ -215,7 +219,49 @@ def compare(*, ref_target: np.ndarray, var_target: np.ndarray, kl: np.ndarray, s
         ppl_ratio_se_log=float(np.std(boot_log_ratio, ddof=1)) if enough else float("nan"),
         delta_p=delta_p_summary(ref_target, var_target),
         top1_plain=plain / n, tie_flips=int(np.count_nonzero(tie_flip)), near_ties=near_ties,
+        windows=window_sums(nll_diff, kl, block_sizes),
     )
+
+
+def window_sums(nll_diff: np.ndarray, kl: np.ndarray, block_sizes: np.ndarray) -> dict:
+    """Per window: its token count and the sums of NLL_variant - NLL_reference and of KL (JSON-ready lists, to
+    10 significant digits: a summary's paired differences need no more, and a full run's JSON stays small)."""
+    return {"tokens": [int(b) for b in block_sizes],
+            "nll_diff": [float(f"{v:.10g}") for v in block_sums(nll_diff, block_sizes)],
+            "kl": [float(f"{v:.10g}") for v in block_sums(kl, block_sizes)]}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """B against A, both measured against the same reference on the same windows: the difference of their
+    perplexity ratios (B - A) and of their mean KL divergences, with 95% intervals from one block bootstrap
+    that resamples the same windows for both (the pairing cancels what the two share: the text's hard parts)."""
+
+    ratio_difference: float
+    ratio_interval: Interval | None
+    kl_difference: float
+    kl_interval: Interval | None
+
+
+def paired_difference(a: dict, b: dict) -> PairedDifference | None:
+    """From two variants' `windows` (see PairedComparison); None when they were not scored on the same windows."""
+    if not a or not b or a.get("tokens") != b.get("tokens") or not a.get("tokens"):
+        return None
+    sizes = np.asarray(a["tokens"], dtype=np.float64)
+    total = sizes.sum()
+    nll = {k: np.asarray(w["nll_diff"], np.float64) for k, w in (("a", a), ("b", b))}
+    kl = {k: np.asarray(w["kl"], np.float64) for k, w in (("a", a), ("b", b))}
+    ratio_difference = math.exp(nll["b"].sum() / total) - math.exp(nll["a"].sum() / total)
+    kl_difference = float((kl["b"].sum() - kl["a"].sum()) / total)
+    if len(sizes) < MIN_BLOCKS:
+        return PairedDifference(ratio_difference, None, kl_difference, None)
+    # the same picks as every other bootstrap of this corpus (fixed seed, same number of windows)
+    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(sizes), size=(BOOTSTRAP_RESAMPLES, len(sizes)))
+    tokens = sizes[picks].sum(axis=1)
+    boot_ratio = np.exp(nll["b"][picks].sum(axis=1) / tokens) - np.exp(nll["a"][picks].sum(axis=1) / tokens)
+    boot_kl = (kl["b"][picks].sum(axis=1) - kl["a"][picks].sum(axis=1)) / tokens
+    return PairedDifference(ratio_difference, percentile_interval(boot_ratio), kl_difference,
+                            percentile_interval(boot_kl))
 
 
 def detectable_ratio_change(se_log_ratio: float) -> float:
@@ -274,3 +320,19 @@ def paired_drop(ids: list[str], reference: list[bool], variant: list[bool], *,
         lost=tuple(i for i, m in zip(ids, lost_mask, strict=True) if m),
         gained=tuple(i for i, m in zip(ids, gained_mask, strict=True) if m),
         mcnemar_p=mcnemar_exact_p(lost, gained))
+
+
+def paired_task_difference(items: int, a: tuple[set, set], b: tuple[set, set], *,
+                           resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, Interval]:
+    """Score of B minus score of A on the same items, from each one's (lost, gained) item ids against the same
+    reference: an item's B - A is (gained by B - lost by B) - (gained by A - lost by A), one of -1, 0, +1.
+    The interval is the paired bootstrap over items (a multinomial draw of the +1 and -1 counts, as in
+    `paired_drop`)."""
+    if items <= 0:
+        raise ValueError("no items to pair")
+    ids = set().union(*a, *b)
+    step = {i: (i in b[1]) - (i in b[0]) - ((i in a[1]) - (i in a[0])) for i in ids}
+    up, down = sum(v > 0 for v in step.values()), sum(v < 0 for v in step.values())
+    counts = np.random.default_rng(seed).multinomial(items, [up / items, down / items, 1 - (up + down) / items],
+                                                      size=resamples)
+    return (up - down) / items, percentile_interval((counts[:, 0] - counts[:, 1]) / items)
