@@ -34,7 +34,13 @@ MANIFEST_CASES = {
         ["name]", "'bf16/../../../escape' is not a safe name"]),
     "recipe key typo (quant_typ)": (
         swap('recipe = { builder = "bitsandbytes", quant_type = "nf4" }', 'recipe = { builder = "bitsandbytes", quant_typ = "fp4" }'),
-        [".recipe.quant_typ]", "unknown key(s) quant_typ for builder 'bitsandbytes'", "it reads builder, quant_type"]),
+        [".recipe.quant_typ]", "unknown key(s) quant_typ for builder 'bitsandbytes'", "it reads builder, llm_int8_threshold, quant_type"]),
+    "recipe llm_int8_threshold below zero": (
+        swap("llm_int8_threshold = 0.0 }", "llm_int8_threshold = -1 }"),
+        [".recipe.llm_int8_threshold]", "must be a non-negative number", "got -1"]),
+    "variant profiles naming no profile of the manifest": (
+        swap('profiles = ["full"]', 'profiles = ["ful"]'),
+        [".profiles]", "names profile 'ful'", "known: fast, full"]),
     "recipe quant_type not a bitsandbytes type": (
         swap('quant_type = "nf4" }', 'quant_type = "int3" }'),
         [".recipe.quant_type]", "must be one of nf4, fp4; got 'int3'"]),

@@ -34,6 +34,32 @@ def test_bnb_recipes_are_built_and_gated_with_their_format_and_bits(pytester, ti
     assert len(built) == 1
 
 
+NO_OUTLIERS = BNB_VARIANTS + """
+[[models.tiny.variants]]
+name = "int8-no-outliers"
+format = "bnb"
+bits = 8
+outlier_handling = "none (llm_int8_threshold = 0)"
+recipe = { builder = "bitsandbytes", llm_int8_threshold = 0 }
+profiles = ["full"]
+"""
+
+
+def test_an_outlier_threshold_is_built_in_and_a_full_only_variant_stays_out_of_the_fast_tier(pytester,
+                                                                                            tiny_zoo_template):
+    make_project(pytester, tiny_zoo_template, variants=NO_OUTLIERS)
+    fast = run(pytester, "--quality-profile", "fast", "--collect-only", "-q")
+    assert "tiny/int8/code" in fast.stdout.str() and "int8-no-outliers" not in fast.stdout.str()
+    full = run(pytester, "--collect-only", "-q")
+    assert "tiny/int8-no-outliers/code" in full.stdout.str()
+    built = next((pytester.path / "build" / "zoo" / "tiny").glob("int8-no-outliers-*"))
+    assert json.loads((built / "config.json").read_text())["quantization_config"]["llm_int8_threshold"] == 0.0
+    loaded = load_checkpoint(built, fmt="bnb", dtype="float32", device="cpu", what="tiny/int8-no-outliers",
+                               tokenizer_path=pytester.path / "models" / "reference")
+    thresholds = {m.state.threshold for m in loaded.model.modules() if type(m).__name__ == "Linear8bitLt"}
+    assert thresholds == {0.0}
+
+
 @pytest.fixture
 def nf4_sized_reference(tmp_path):
     """bitsandbytes' CPU NF4 kernel packs rows in blocks: the tiny zoo's 32-wide layers are too narrow."""

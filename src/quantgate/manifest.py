@@ -101,6 +101,8 @@ class Variant:
     # with the reference's tokenizer (allowed when the vocabularies are identical string for string; recorded)
     tokenizer: str = "own"
     placement: Placement = Placement()  # its own keys; Workspace.placement adds its model's
+    # the profiles that measure it (e.g. ["full"]: out of the CI tier); None: every profile
+    profiles: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,13 @@ class Manifest:
             names.update(model.profiles)
         return sorted(names)
 
+    def for_profile(self, profile: str) -> Manifest:
+        """The manifest as a run of `profile` sees it: without the variants whose `profiles` leave it out."""
+        models = {name: dataclasses.replace(m, variants=tuple(v for v in m.variants
+                                                              if v.profiles is None or profile in v.profiles))
+                  for name, m in self.models.items()}
+        return dataclasses.replace(self, models=models)
+
 
 class _Table:
     """A TOML table being consumed key by key, so leftovers can be reported as unknown."""
@@ -192,7 +201,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RECIPE_KEYS = {
     "gptqmodel": {"builder", "calibration", "samples", "seq_len", "seed"},
     "llama.cpp": {"builder", "type"},
-    "bitsandbytes": {"builder", "quant_type"},
+    "bitsandbytes": {"builder", "quant_type", "llm_int8_threshold"},
     "transformers": {"builder", "dtype"},
 }
 BNB_QUANT_TYPES = ("nf4", "fp4")
@@ -218,6 +227,10 @@ def _recipe(file: Path, key: str, recipe: dict | None) -> dict | None:
     if builder == "bitsandbytes" and recipe.get("quant_type", "nf4") not in BNB_QUANT_TYPES:
         raise ManifestError(file, f"{key}.quant_type", f"must be one of {', '.join(BNB_QUANT_TYPES)}; "
                             f"got {recipe['quant_type']!r}")
+    threshold = recipe.get("llm_int8_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0):
+        raise ManifestError(file, f"{key}.llm_int8_threshold", "must be a non-negative number (LLM.int8()'s outlier "
+                            f"threshold; 0 keeps no outlier columns in fp16), got {threshold!r}")
     for name in ("samples", "seq_len", "seed"):
         value = recipe.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1)):
@@ -356,6 +369,7 @@ def _variant(t: _Table, root: Path) -> Variant:
         max_drop=_max_drops(t),
         tokenizer=t.take("tokenizer", str, "own", choices=TOKENIZER_CHOICES),
         placement=parse_placement(t, root),
+        profiles=_profiles(t),
     )
     t.done()
     engine = get_backend(variant.backend)
@@ -366,6 +380,13 @@ def _variant(t: _Table, root: Path) -> Variant:
     if variant.path is None and variant.recipe is None:
         raise ManifestError(t.file, t.where, f"variant {variant.name!r} needs a path or a recipe")
     return variant
+
+
+def _profiles(t: _Table) -> tuple[str, ...] | None:
+    names = t.take("profiles", list, None)
+    if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
+        raise ManifestError(t.file, t.key("profiles"), f"must be a non-empty list of profile names, got {names!r}")
+    return tuple(names) if names is not None else None
 
 
 def _check_placement(t: _Table, variant: Variant, keys: tuple[str, ...], *, own: bool) -> None:
@@ -432,9 +453,18 @@ def parse_manifest(raw: dict[str, Any], path: Path) -> Manifest:
     top.done()
     if not models:
         raise ManifestError(path, "models", "declares no reference model")
-    return Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
-                    cache_dir=cache_dir, default_profile=default_profile, models=models, corpora=corpora, tasks=tasks,
-                    table=root / table if table else None, plugins=plugins, calibration_overlap=calibration_overlap)
+    manifest = Manifest(path=path, root=root, exceedance=exceedance, baselines_dir=baselines_dir, zoo_dir=zoo_dir,
+                        cache_dir=cache_dir, default_profile=default_profile, models=models, corpora=corpora,
+                        tasks=tasks, table=root / table if table else None, plugins=plugins,
+                        calibration_overlap=calibration_overlap)
+    known = manifest.profile_names()
+    for m in models.values():
+        for i, v in enumerate(m.variants):
+            unknown = [p for p in v.profiles or () if p not in known]
+            if unknown:
+                raise ManifestError(path, f"models.{m.name}.variants[{i}].profiles", f"names profile {unknown[0]!r}, "
+                                    f"which the manifest does not define (known: {', '.join(known)})")
+    return manifest
 
 
 def _plugins(settings: _Table, root: Path) -> tuple[str, ...]:

@@ -131,6 +131,9 @@ def _gptq_identity(manifest, ref, variant, recipe, identity) -> None:
 def _bnb_identity(manifest, ref, variant, recipe, identity) -> None:
     if variant.format != "bnb" or variant.bits not in (4, 8):
         raise ManifestError(manifest.path, _where(ref, variant), "builder bitsandbytes makes bnb variants of 8 or 4 bits")
+    if variant.bits != 8 and recipe.get("llm_int8_threshold") is not None:
+        raise ManifestError(manifest.path, _where(ref, variant) + ".llm_int8_threshold",
+                            "is LLM.int8()'s outlier threshold: 8-bit variants only")
     identity["storage_dtype"] = "float16"  # see bnb_build.build_bnb
 
 
@@ -268,7 +271,8 @@ def _run_builder(manifest: Manifest, ref: ReferenceModel, variant: Variant, out:
     if variant.format == "bnb":
         from .checkpoints.bnb_build import build_bnb
 
-        return build_bnb(ref.path, out, bits=variant.bits, quant_type=variant.recipe.get("quant_type", "nf4"))
+        return build_bnb(ref.path, out, bits=variant.bits, quant_type=variant.recipe.get("quant_type", "nf4"),
+                         llm_int8_threshold=variant.recipe.get("llm_int8_threshold"))
     chunks = _calibration_chunks(manifest, ref, variant.recipe)
     from .checkpoints import gptq_build
 

@@ -29,19 +29,24 @@ def quantized_weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def bnb_config(bits: int, quant_type: str = "nf4"):
+def bnb_config(bits: int, quant_type: str = "nf4", llm_int8_threshold: float | None = None):
+    """llm_int8_threshold (8 bits): activations above it keep their weight columns in fp16 (LLM.int8()'s outlier
+    decomposition; bitsandbytes' default 6.0); 0 turns the decomposition off. It is saved in the checkpoint's
+    quantization_config and applies on every load."""
     import torch
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **({} if llm_int8_threshold is None
+                                                        else {"llm_int8_threshold": float(llm_int8_threshold)}))
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                   bnb_4bit_compute_dtype=torch.float32)
     raise ValueError(f"bitsandbytes quantizes to 8 or 4 bits, not {bits}")
 
 
-def build_bnb(reference: Path, out: Path, *, bits: int, quant_type: str = "nf4") -> dict:
+def build_bnb(reference: Path, out: Path, *, bits: int, quant_type: str = "nf4",
+              llm_int8_threshold: float | None = None) -> dict:
     """Quantize `reference` with bitsandbytes on load, save it to `out`, and verify the round trip."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -49,7 +54,7 @@ def build_bnb(reference: Path, out: Path, *, bits: int, quant_type: str = "nf4")
     started = time.perf_counter()
     # float16: the layers bitsandbytes leaves alone (embeddings, lm_head, norms) stay as the FP16
     # reference stores them, so the size on disk measures the quantization, not an fp32 copy.
-    model = AutoModelForCausalLM.from_pretrained(str(reference), quantization_config=bnb_config(bits, quant_type),
+    model = AutoModelForCausalLM.from_pretrained(str(reference), quantization_config=bnb_config(bits, quant_type, llm_int8_threshold),
                                                  dtype=torch.float16, device_map="cpu")
     digest = quantized_weights_digest(model)  # before any forward pass (see the module docstring)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,10 @@ def build_bnb(reference: Path, out: Path, *, bits: int, quant_type: str = "nf4")
     (out / WEIGHTS_DIGEST_FILE).write_text(json.dumps({"sha256": digest, "what": "quantized_weights_digest, "
                                                        "taken before any forward pass"}, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    threshold = reloaded.config.quantization_config.llm_int8_threshold if bits == 8 else None
+    del reloaded
     return {"bits": bits, "quant_type": quant_type if bits == 4 else "int8 (LLM.int8())", "size_bytes": size,
+            **({"llm_int8_threshold": threshold} if threshold is not None else {}),
             "seconds": round(time.perf_counter() - started, 3), "weights_sha256": digest}
 
 

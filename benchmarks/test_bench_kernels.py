@@ -1,0 +1,70 @@
+"""Kernel speed of the demo's ablation pairs, side by side (pytest-benchmark): `./run.sh bench -k kernels`.
+
+The source table says desc_act "may slow inference 10-20%": a claim about GPU kernels, where act-order's
+g_idx turns each group's scales into a gather. Each pair here is two variants of the demo model that differ
+in one declared factor (desc_act; LLM.int8()'s outlier decomposition), both resident, scoring the same
+windows of the code corpus with the same backend, interleaved round by round, the best of three rounds
+each. The ratio and the kernels are recorded (extra_info) and printed; it is a measurement of a claim on
+the machine the benchmark runs on, so no speed is asserted, only that both sides score the same tokens.
+The in-run speeds of every pair are in the summary's ablation table.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "fixtures" / "demo_zoo" / "reference"
+TOKENS = 4096
+
+pytestmark = pytest.mark.skipif(not (REFERENCE / "model.safetensors").exists(), reason="demo model not trained")
+
+PAIRS = [("gptq-w4g128", "gptq-w4g128-descact"), ("bnb-int8", "bnb-int8-no-outliers")]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from quantgate.evaluation import Evaluator
+    from quantgate.manifest import load_manifest
+
+    ev = Evaluator(manifest=load_manifest(REPO / "quantgate.toml"), profile="fast", device="cpu")
+    return ev, ev.tokenized("demo", "code", ev.settings("demo")).ids[:TOKENS]
+
+
+def _backend(ev, name: str):
+    from quantgate.checkpoints.loading import load_checkpoint
+    from quantgate.zoo import variant_path
+
+    ref = ev.manifest.models["demo"]
+    variant = next(v for v in ref.variants if v.name == name)
+    path = variant_path(ev.manifest, ref, variant)  # built on first use, as the gate does
+    loaded = load_checkpoint(path, fmt=variant.format, dtype="float32", device="cpu", what=f"demo/{name}",
+                             tokenizer_path=ref.path)
+    return loaded.backend, loaded.description.get("kernels", [])
+
+
+@pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a}-vs-{b}" for a, b in PAIRS])
+def test_kernels_of_an_ablation_pair_side_by_side(benchmark, demo, first, second):
+    ev, stream = demo
+    (a, kernels_a), (b, kernels_b) = _backend(ev, first), _backend(ev, second)
+
+    def score(backend):
+        return backend.loglikelihood_rolling(stream, max_length=256, stride=128, batch_size=4)
+
+    score(a), score(b)  # warm both
+    best = {first: float("inf"), second: float("inf")}
+    for _ in range(3):
+        for name, backend in ((first, a), (second, b)):
+            started = time.perf_counter()
+            scores = score(backend)
+            best[name] = min(best[name], time.perf_counter() - started)
+            assert scores.n == TOKENS - 1 and np.isfinite(scores.logprobs).all()
+    benchmark.pedantic(score, args=(b,), rounds=1, iterations=1)
+    ratio = best[second] / best[first]
+    benchmark.extra_info.update({f"{first}_seconds": round(best[first], 3), f"{second}_seconds": round(best[second], 3),
+                                 f"{second}_over_{first}": round(ratio, 3), "kernels": sorted({*kernels_a, *kernels_b}),
+                                 "tokens": TOKENS})
+    print(f"\n{second} takes {ratio:.3f}x the time of {first} ({best[second]:.3f} s vs {best[first]:.3f} s for "
+          f"{TOKENS} tokens; kernels {', '.join(sorted({*kernels_a, *kernels_b})) or '-'}; cpu)")
