@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from .ablation import reversal_partners
 from .errors import CannotTest, DeviceUnavailable, QuantgateError
 from .evaluation import Evaluator
 from .gate import FAIL, REVERSAL, XFAIL, judge, judge_metric
@@ -88,17 +89,6 @@ class Gate:
         self.report.records.append(record)
         return record, variant
 
-    def _partners(self, case: Case, variant) -> str:
-        """The variant's ablation partners from the manifest, with the status of those this process has measured
-        on the corpus (the end of the run gives every partner's: ablation.annotate_reversals)."""
-        from .ablation import pairs_among, partner_status, partners, partners_sentence
-
-        ref = self.evaluator.model(case.model)
-        named = partners(pairs_among({(case.model, v.backend, v.name): v for v in ref.variants}), case.variant)
-        measured = {r.variant: r for r in self.report.records if (r.model, r.corpus, r.metric, r.backend)
-                    == (case.model, case.corpus, "relative_perplexity", variant.backend)}
-        return partners_sentence(named, {n: partner_status(measured.get(n)) for _, n in named})
-
     def _measure(self, case: Case, record: Record):
         """(baseline, comparison or None, plain measurement or None), as skips/failures that say why."""
         ev = self.evaluator
@@ -134,7 +124,8 @@ class Gate:
                   bound=bound, reversal_tolerance=tolerance, tokens=m.scores.n,
                   baseline_source=os.path.relpath(baseline.path, ev.manifest.root), protocol_line=protocol_line(m),
                   ratio_interval=stats.ppl_ratio_interval if stats else None, rule=ev.manifest.exceedance,
-                  noise_log_ratio=baseline.noise_log_ratio, calibration=overlap, partners=self._partners(case, variant))
+                  noise_log_ratio=baseline.noise_log_ratio, calibration=overlap, partners=reversal_partners(
+                      ref.variants, self.report.records, case.model, case.variant, case.corpus))
         record.verdict, record.value, record.baseline, record.ratio = j.verdict, m.perplexity, baseline.perplexity, j.ratio
         record.calibration_overlap = overlap.share if overlap is not None else None
         record_measurement(record, m, ev.reference_parameters(case.model))

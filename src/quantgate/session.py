@@ -109,8 +109,7 @@ class QualitySession:
             path = Path(self.manifest_option) if self.manifest_option else find_manifest(self.rootdir)
             if path is None:
                 raise ManifestError(self.rootdir / "quantgate.toml", "file", "not found (pass --quality-manifest PATH)")
-            manifest = load_manifest(path)
-            # the variants this run's profile measures (a variant's `profiles` may leave it out of a tier)
+            manifest = load_manifest(path)  # as this run's profile sees it (a variant's `profiles` may leave it out)
             self._manifest = manifest.for_profile(self.profile_option or manifest.default_profile)
         return self._manifest
 
