@@ -103,9 +103,22 @@ def bootstrap_block_means(values: np.ndarray, block_sizes: np.ndarray, *, resamp
     """Token-weighted means of `values` over `resamples` block-bootstrap resamples (fixed seed)."""
     sums = block_sums(values, block_sizes)
     sizes = np.asarray(block_sizes, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    picks = block_picks(len(sums), resamples=resamples, seed=seed)
     return sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+
+
+def block_picks(blocks: int, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(resamples, blocks) indices of the blocks each bootstrap resample draws: the same for every series of
+    as many blocks, so two variants scored on the same windows are resampled together (`paired_difference`)."""
+    return np.random.default_rng(seed).integers(0, blocks, size=(resamples, blocks))
+
+
+def count_difference_interval(n: int, plus: int, minus: int, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                              seed: int = BOOTSTRAP_SEED) -> Interval:
+    """Paired bootstrap of (plus - minus) / n over n items of which `plus` count +1, `minus` -1 and the rest 0:
+    only how many resampled items are +1 or -1 matters, so a multinomial draw of those counts is the bootstrap."""
+    counts = np.random.default_rng(seed).multinomial(n, [plus / n, minus / n, 1 - (plus + minus) / n], size=resamples)
+    return percentile_interval((counts[:, 0] - counts[:, 1]) / n)
 
 
 def percentile_interval(samples: np.ndarray) -> Interval:
@@ -255,8 +268,7 @@ def paired_difference(a: dict, b: dict) -> PairedDifference | None:
     kl_difference = float((kl["b"].sum() - kl["a"].sum()) / total)
     if len(sizes) < MIN_BLOCKS:
         return PairedDifference(ratio_difference, None, kl_difference, None)
-    # the same picks as every other bootstrap of this corpus (fixed seed, same number of windows)
-    picks = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(sizes), size=(BOOTSTRAP_RESAMPLES, len(sizes)))
+    picks = block_picks(len(sizes))  # the picks of every other bootstrap of this corpus's windows
     tokens = sizes[picks].sum(axis=1)
     boot_ratio = np.exp(nll["b"][picks].sum(axis=1) / tokens) - np.exp(nll["a"][picks].sum(axis=1) / tokens)
     boot_kl = (kl["b"][picks].sum(axis=1) - kl["a"][picks].sum(axis=1)) / tokens
@@ -311,12 +323,9 @@ def paired_drop(ids: list[str], reference: list[bool], variant: list[bool], *,
     lost_mask, gained_mask = ref & ~var, ~ref & var
     n = len(ids)
     lost, gained = int(lost_mask.sum()), int(gained_mask.sum())
-    counts = np.random.default_rng(seed).multinomial(n, [lost / n, gained / n, 1 - (lost + gained) / n],
-                                                      size=resamples)
-    drops = (counts[:, 0] - counts[:, 1]) / n
     return TaskComparison(
         items=n, reference_score=float(ref.mean()), variant_score=float(var.mean()), drop=(lost - gained) / n,
-        drop_interval=percentile_interval(drops),
+        drop_interval=count_difference_interval(n, lost, gained, resamples=resamples, seed=seed),
         lost=tuple(i for i, m in zip(ids, lost_mask, strict=True) if m),
         gained=tuple(i for i, m in zip(ids, gained_mask, strict=True) if m),
         mcnemar_p=mcnemar_exact_p(lost, gained))
@@ -333,6 +342,4 @@ def paired_task_difference(items: int, a: tuple[set, set], b: tuple[set, set], *
     ids = set().union(*a, *b)
     step = {i: (i in b[1]) - (i in b[0]) - ((i in a[1]) - (i in a[0])) for i in ids}
     up, down = sum(v > 0 for v in step.values()), sum(v < 0 for v in step.values())
-    counts = np.random.default_rng(seed).multinomial(items, [up / items, down / items, 1 - (up + down) / items],
-                                                      size=resamples)
-    return (up - down) / items, percentile_interval((counts[:, 0] - counts[:, 1]) / items)
+    return (up - down) / items, count_difference_interval(items, up, down, resamples=resamples, seed=seed)
