@@ -130,3 +130,23 @@ def test_a_hub_id_in_the_local_cache_is_the_reference(checkpoints, tmp_path, mon
     assert ref == snapshot and found == "the hub id acme/tiny in the local cache"
     with pytest.raises(QuantgateError, match="acme/other: not a directory, and not in the local Hugging Face cache"):
         resolve_reference("acme/other", checkpoints)
+
+
+def test_two_int8_checkpoints_that_differ_in_outlier_threshold_become_an_ablation_pair(tmp_path):
+    """bitsandbytes 8-bit checkpoints state LLM.int8()'s outlier threshold; init declares it as outlier handling,
+    so the summary pairs the two (ablation.py) with nothing written by hand."""
+    pytest.importorskip("bitsandbytes")
+    from quantgate.ablation import pairs_among
+    from quantgate.checkpoints.bnb_build import build_bnb
+
+    reference = REPO / "fixtures" / "demo_zoo" / "reference"
+    for name, threshold in (("int8", None), ("int8-plain", 0.0)):
+        build_bnb(reference, tmp_path / name, bits=8, llm_int8_threshold=threshold)
+    taken: set[str] = set()
+    found = [v for name in ("int8", "int8-plain")
+             for v in describe_variant(tmp_path / name, tmp_path, taken, llama_cpp=False)]
+    assert [v.outlier_handling for v in found] == [
+        "outlier columns kept in fp16 (LLM.int8(), llm_int8_threshold = 6)", "none (llm_int8_threshold = 0)"]
+    assert 'outlier_handling = "none (llm_int8_threshold = 0)"' in found[1].toml("m")
+    pairs = pairs_among({("m", "transformers", v.name): v for v in found})
+    assert [(p.factor, p.first, p.second) for p in pairs] == [("outlier_handling", "int8", "int8-plain")]

@@ -42,7 +42,7 @@ class Pair:
 
 
 def _differing(a: Any, b: Any) -> list[str]:
-    differ = [f for f in FACTORS if getattr(a, f) != getattr(b, f)]
+    differ = [f for f in FACTORS if getattr(a, f, None) != getattr(b, f, None)]  # a factor not stated is None
     if set(differ) == {"desc_act", "outlier_handling"} and any("desc_act" in str(r.outlier_handling) for r in (a, b)):
         return ["desc_act"]
     return differ
@@ -60,7 +60,7 @@ def pairs_among(variants: dict[tuple[str, str, str], Any]) -> list[Pair]:
             differ = _differing(a, b)
             if len(differ) == 1:
                 pairs.append(Pair(model, backend, differ[0], first, second,
-                                  (getattr(a, differ[0]), getattr(b, differ[0]))))
+                                  (getattr(a, differ[0], None), getattr(b, differ[0], None))))
     return pairs
 
 

@@ -2,8 +2,9 @@
 
 From a reference model (a directory, a hub id already in the local cache, or an F16 GGUF when only GGUF files
 exist) and any number of variants (directories, .gguf files, globs), it writes:
-- `quantgate.toml`: each variant's format, bits, group size and desc_act as the checkpoint's own metadata states
-  them (checkpoints/declared.py, the reader the load audit uses), the corpora, a protocol for this machine;
+- `quantgate.toml`: each variant's format, bits, group size, desc_act (and a bnb 8-bit one's outlier threshold)
+  as the checkpoint's own metadata states them (checkpoints/declared.py, the reader the load audit uses), the
+  corpora, a protocol for this machine;
 - `quality_tests/test_quality.py`: one line importing the installed quantgate's checks (they cannot drift);
 - `.github/workflows/quality.yml`: the gate in CI (strict, JSON, JUnit, the step summary);
 - `.gitignore` entries for what the gate writes;
@@ -65,6 +66,7 @@ class Variant:
     desc_act: bool | None = None
     backend: str | None = None
     source: str = ""
+    outlier_handling: str | None = None
 
     def toml(self, model: str) -> str:
         lines = [f"[[models.{model}.variants]]", f"name = {_q(self.name)}", f"format = {_q(self.format)}",
@@ -73,6 +75,8 @@ class Variant:
             lines.append(f"group_size = {self.group_size}")
         if self.desc_act is not None:
             lines.append(f"desc_act = {str(self.desc_act).lower()}")
+        if self.outlier_handling:
+            lines.append(f"outlier_handling = {_q(self.outlier_handling)}")
         if self.backend:
             lines.append(f"backend = {_q(self.backend)}")
         return f"# read from {self.source}\n" + "\n".join(lines) + "\n"
@@ -142,7 +146,7 @@ def describe_variant(path: Path, root: Path, taken: set[str], *, llama_cpp: bool
     if own["bits"] is None:
         raise QuantgateError(f"{path}: its {method} quantization_config states no bit width")
     return [Variant(_name(path, taken), fmt, int(own["bits"]), _rel(path, root), group_size=own["group_size"],
-                    desc_act=own["desc_act"], source=own["source"])]
+                    desc_act=own["desc_act"], source=own["source"], outlier_handling=own.get("outlier_handling"))]
 
 
 def expand(patterns: list[str]) -> list[Path]:

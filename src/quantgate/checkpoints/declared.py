@@ -23,6 +23,13 @@ GGUF_FILE_TYPE_BITS = {0: 32, 1: 16, 2: 4, 3: 4, 7: 8, 8: 5, 9: 5, 10: 2, 11: 3,
                        16: 5, 17: 5, 18: 6, 32: 16}
 
 
+def bnb_outlier_handling(threshold: float) -> str:
+    """LLM.int8()'s outlier threshold in words, the manifest's `outlier_handling` (an ablation factor)."""
+    if not threshold:
+        return "none (llm_int8_threshold = 0)"
+    return f"outlier columns kept in fp16 (LLM.int8(), llm_int8_threshold = {threshold:g})"
+
+
 def own_quantization(path: Path) -> dict[str, Any]:
     """{method, bits, group_size, desc_act} as the checkpoint states them (None where it says nothing);
     method None means it declares no quantization at all."""
@@ -38,7 +45,9 @@ def own_quantization(path: Path) -> dict[str, Any]:
     method = config.get("quant_method")
     if method == "bitsandbytes":
         bits = 8 if config.get("load_in_8bit") else 4 if config.get("load_in_4bit") else None
-        return {"method": method, "bits": bits, "group_size": None, "desc_act": None, "source": "quantization_config"}
+        return {"method": method, "bits": bits, "group_size": None, "desc_act": None, "source": "quantization_config",
+                **({"outlier_handling": bnb_outlier_handling(config.get("llm_int8_threshold", 6.0))} if bits == 8
+                   else {})}
     if method == "compressed-tensors":
         weights = [g.get("weights") or {} for g in (config.get("config_groups") or {}).values()]
         bits = {w.get("num_bits") for w in weights} - {None}
