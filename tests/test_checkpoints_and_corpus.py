@@ -104,6 +104,24 @@ def test_local_corpus_documents_and_fingerprint(tiny_project):
     assert load_corpus(m.corpora["code"]).text_sha256 != code.text_sha256
 
 
+def test_a_corpus_that_could_not_be_loaded_is_tried_once_per_run(tiny_project, monkeypatch):
+    """An unreachable hub dataset costs its retries once: the run's other checks get the same error at once."""
+    from quantgate import workspace
+
+    calls = []
+
+    def unreachable(spec):
+        calls.append(spec.name)
+        raise CorpusUnavailable(f"corpus {spec.name!r} could not be loaded (hub): Couldn't reach it")
+
+    monkeypatch.setattr(workspace, "load_corpus", unreachable)
+    ws = workspace.Workspace(load_manifest(tiny_project / "quantgate.toml"), profile="full", device="cpu")
+    for _ in range(3):
+        with pytest.raises(CorpusUnavailable, match="corpus 'code' could not be loaded"):
+            ws.corpus("code")
+    assert calls == ["code"]
+
+
 def test_tokenize_once_maps_documents_and_applies_cap_and_bos(tiny_project):
     from transformers import AutoTokenizer
 

@@ -150,3 +150,20 @@ def test_two_int8_checkpoints_that_differ_in_outlier_threshold_become_an_ablatio
     assert 'outlier_handling = "none (llm_int8_threshold = 0)"' in found[1].toml("m")
     pairs = pairs_among({("m", "transformers", v.name): v for v in found})
     assert [(p.factor, p.first, p.second) for p in pairs] == [("outlier_handling", "int8", "int8-plain")]
+
+
+@pytest.mark.parametrize("config, max_length, words", [
+    ({"model_type": "gpt2", "n_positions": 512}, 512, "(n_positions 512)"),
+    ({"model_type": "llama", "max_position_embeddings": 8192}, 2048, "(max_position_embeddings 8192), at most 2048"),
+    ({"model_type": "custom"}, 2048, "config.json states no context length"),
+])
+def test_init_reads_the_context_where_the_config_states_it(tmp_path, config, max_length, words):
+    """GPT-2's config says n_positions: reading only max_position_embeddings gave 2048-token windows to a 512-position
+    model, and its first forward pass an IndexError."""
+    import json
+
+    from quantgate.scaffold import protocol_block
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    block = protocol_block(tmp_path)
+    assert f"max_length = {max_length} " in block and f"stride = {max_length // 2} " in block and words in block

@@ -237,3 +237,22 @@ def test_the_output_layer_runs_only_where_a_scored_token_is_predicted(tiny_model
     np.testing.assert_allclose(kept.logprobs, full.logprobs, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(kept.argmax, full.argmax)
     np.testing.assert_allclose(kept.topk_logprobs, full.topk_logprobs, rtol=0, atol=1e-6)
+
+
+def test_a_window_longer_than_learned_positions_is_a_clear_error():
+    """GPT-2 style learned position embeddings end at n_positions: a longer window is an IndexError inside torch;
+    the gate names the window, the config's positions and the manifest key instead."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from quantgate.backends.hf import TransformersBackend
+    from quantgate.errors import QuantgateError
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    backend = TransformersBackend(model, "cpu")
+    ids = list(range(1, 41))
+    assert backend.loglikelihood_rolling(ids, max_length=16, stride=8, batch_size=2).n == 39
+    with pytest.raises(QuantgateError, match=r"a window of 32 tokens is longer than the 16 positions its config.json "
+                                             r"allows: set \[protocol\] max_length to at most 16"):
+        backend.loglikelihood_rolling(ids, max_length=32, stride=16, batch_size=2)

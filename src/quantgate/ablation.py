@@ -124,12 +124,7 @@ def markdown(records: list[Record], device: str) -> list[str]:
     if not pairs:
         return []
     by = {(r.model, r.backend, r.variant, r.metric, r.corpus): r for r in records}
-    lines = ["", "Ablations: variants that differ in one declared factor. Ratios and KL are each paired with FP16; "
-             "B - A is paired window by window (tasks: item by item), 95% intervals:", "",
-             "| factor | variant A | variant B | corpus | ratio A | ratio B | ratio B - A | KL A | KL B | KL B - A | "
-             "speed A | speed B |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    reversals = []
+    lines, reversals = [], []
     for p in pairs:
         for corpus in sorted({r.corpus for r in records if r.model == p.model and r.variant == p.first
                               and r.metric == "relative_perplexity"}):
@@ -149,6 +144,13 @@ def markdown(records: list[Record], device: str) -> list[str]:
                     reversals.append(f"- {one.model}/{one.variant} reverses on {corpus}; its {p.factor} partner "
                                      f"{other.variant} {'also reverses' if reverses(other) else 'does not'}")
         lines += _task_row(p, records, by)
+    if not lines:  # pairs declared, but no pair has both sides measured (a corpus that could not be loaded ...)
+        return []
+    lines = ["", "Ablations: variants that differ in one declared factor. Ratios and KL are each paired with FP16; "
+             "B - A is paired window by window (tasks: item by item), 95% intervals:", "",
+             "| factor | variant A | variant B | corpus | ratio A | ratio B | ratio B - A | KL A | KL B | KL B - A | "
+             "speed A | speed B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines]
     if reversals:
         lines += ["", "Reversals and their ablation partners (a partner that does not reverse points at the factor):",
                   "", *dict.fromkeys(reversals)]

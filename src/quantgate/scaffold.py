@@ -217,12 +217,19 @@ def resolve_reference(spec: str, root: Path) -> tuple[Path, str]:
     raise QuantgateError(f"{spec}: not a checkpoint directory (no config.json), a GGUF file or a cached hub id")
 
 
+# where config.json states the context: Llama-style, GPT-2 / GPT-J, older GPT-2 exports, ChatGLM / Qwen-1, OPT-style
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
 def protocol_block(reference: Path) -> str:
     config = json.loads((reference / "config.json").read_text())
-    window = int(config.get("max_position_embeddings") or 2048)
+    key, window = next(((k, config[k]) for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0),
+                       (None, 2048))
     max_length = min(window, 2048)
+    said = (f"the model's context ({key} {window}), at most 2048" if key else
+            f"config.json states no context length ({', '.join(CONTEXT_KEYS)}): check it")
     return (f"[protocol]\n"
-            f"max_length = {max_length}   # tokens per window (the model's context, at most 2048)\n"
+            f"max_length = {max_length}   # tokens per window ({said})\n"
             f"stride = {max_length // 2}       # each token scored with at least this much context\n"
             f'dtype = "float32"     # the compute dtype of every measurement; on CUDA use "float16" or "bfloat16" '
             f"(and re-baseline)\n"

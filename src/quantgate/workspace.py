@@ -27,7 +27,7 @@ class Workspace:
     manifest: Manifest
     profile: str
     device: str
-    _corpora: dict[str, Corpus] = field(default_factory=dict)
+    _corpora: dict[str, Corpus | QuantgateError] = field(default_factory=dict)  # a load that failed, once
     _tokenizers: dict[str, Any] = field(default_factory=dict)
     _tokenized: dict[tuple, TokenizedCorpus] = field(default_factory=dict)
     _tasks: dict[tuple, Any] = field(default_factory=dict)
@@ -66,8 +66,14 @@ class Workspace:
 
     def corpus(self, name: str) -> Corpus:
         if name not in self._corpora:
-            self._corpora[name] = load_corpus(self.manifest.corpora[name])
-        return self._corpora[name]
+            try:
+                self._corpora[name] = load_corpus(self.manifest.corpora[name])
+            except QuantgateError as exc:  # the hub was retried already: the run's other checks say so at once
+                self._corpora[name] = exc
+        loaded = self._corpora[name]
+        if isinstance(loaded, QuantgateError):
+            raise loaded.with_traceback(None)
+        return loaded
 
     def reference_tokenizer(self, model: str):
         if model not in self._tokenizers:

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import progress
-from ..errors import NonFiniteScores
+from ..errors import NonFiniteScores, QuantgateError
 from ..perplexity import Window
 from .base import ScoringBackend
 
@@ -52,8 +52,11 @@ class TransformersBackend(ScoringBackend):
                 rows = torch.nonzero(scored.any(dim=0)).flatten()
                 lo, hi = int(rows[0]), int(rows[-1]) + 1
                 keep = {"logits_to_keep": torch.arange(lo, hi, device=self.device)} if self._keeps_logits else {}
-                logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device),
-                                    **keep).logits
+                try:
+                    logits = self.model(input_ids=inputs.to(self.device), attention_mask=attention.to(self.device),
+                                        **keep).logits
+                except IndexError as exc:  # an embedding lookup past its table: positions or vocabulary
+                    raise _lookup_error(exc, inputs, self.model.config) from exc
                 if keep:
                     scored = scored[:, lo:hi]
                 yield torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
@@ -266,3 +269,18 @@ def _register():
 
 BACKEND = _register()
 
+
+def _lookup_error(exc: IndexError, inputs, config) -> QuantgateError:
+    """An IndexError from a forward pass, said in the manifest's and the checkpoint's terms."""
+    positions = getattr(config, "max_position_embeddings", None)
+    vocab = getattr(config, "vocab_size", None)
+    width, top = inputs.shape[1], int(inputs.max())
+    causes = []
+    if positions is not None and width > positions:
+        causes.append(f"a window of {width} tokens is longer than the {positions} positions its config.json allows: "
+                      f"set [protocol] max_length to at most {positions} (and re-baseline)")
+    if vocab is not None and top >= vocab:
+        causes.append(f"token id {top} is outside its vocabulary of {vocab} (config.json vocab_size): the tokenizer "
+                      "does not belong to this model")
+    return QuantgateError("the model's forward pass failed (" + str(exc) + "): "
+                          + ("; ".join(causes) or "an embedding lookup out of range"))
