@@ -136,3 +136,25 @@ def test_a_bnb_checkpoint_without_a_build_record_loads_and_says_so(tiny_project)
     loaded = load_checkpoint(out, fmt="bnb", dtype="float32", device="cpu", what="tiny/int8",
                              tokenizer_path=tiny_project / "models" / "reference")
     assert loaded.description["weights_digest"] == "no build record"
+
+
+def test_an_int8_gpt2_with_layernorm_biases_loads_and_scores(tmp_path):
+    """transformers leaves a bitsandbytes checkpoint's LayerNorm weights in fp16 and casts their biases to the
+    requested float32: GPT-2's first LayerNorm then failed ("expected scalar type Half but found Float"). The loader
+    casts each such bias to its weight's dtype and says how many."""
+    import tinyzoo
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+
+    ref, int8 = tmp_path / "gpt2", tmp_path / "gpt2-int8"
+    tokenizer = tinyzoo.make_tokenizer(ref)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).to(torch.float16).save_pretrained(ref)
+    AutoModelForCausalLM.from_pretrained(ref, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                         dtype=torch.float16, device_map="cpu").save_pretrained(int8)
+    loaded = load_checkpoint(int8, fmt="bnb", dtype="float32", device="cpu", what="gpt2/int8", tokenizer_path=ref)
+    scores = loaded.backend.loglikelihood_rolling(list(range(1, 60)), max_length=32, stride=16, batch_size=2)
+    assert scores.n == 58
+    assert loaded.description["aligned_biases"] == 3  # ln_1, ln_2, ln_f

@@ -268,6 +268,8 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
     description = _describe_hf_load(model, path, fmt=fmt, dtype=dtype, device=device, started=started, tok_dir=tok_dir,
                                     gguf=gguf, weights_digest=weights_digest, compressed=compressed, legacy=legacy,
                                     tolerated=tolerated)
+    if info.get("aligned_biases"):
+        description["aligned_biases"] = info["aligned_biases"]  # align_biases: cast to their weights' dtype
     placed = placement is not None and bool(placement.transformers_kwargs())
     if placed:
         description["placement"] = {**placement.record(), "layers": _placed_layers(model)}
@@ -294,6 +296,23 @@ def _input_device(model) -> str:
     return f"cuda:{gpus[0]}" if gpus[0].isdigit() else gpus[0]
 
 
+def align_biases(model) -> int:
+    """transformers loads a bitsandbytes checkpoint's unquantized weights in their stored dtype (fp16) whatever the
+    requested dtype, and casts their biases to the requested one: a LayerNorm with an fp16 weight and an fp32 bias
+    cannot run (GPT-2: "expected scalar type Half but found Float"). Each such bias follows its weight; a model
+    without biases (Llama) is untouched. Returns how many were cast."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if (isinstance(weight, torch.nn.Parameter) and isinstance(bias, torch.nn.Parameter)
+                and weight.is_floating_point() and bias.is_floating_point() and weight.dtype != bias.dtype):
+            bias.data = bias.data.to(weight.dtype)
+            count += 1
+    return count
+
+
 def _audit_hf_model(model, info: dict[str, Any], path: Path, *, fmt: str, what: str):
     """Audit a loaded model (loading info, bnb weights digest, compressed-tensors, finite weights), then eval() it."""
     tolerated = zero_biases_of_quantized_layers(path, list(info.get("unexpected_keys") or ()))
@@ -303,6 +322,7 @@ def _audit_hf_model(model, info: dict[str, Any], path: Path, *, fmt: str, what: 
         from .bnb_build import verify_weights_digest
 
         weights_digest = verify_weights_digest(model, path, what)  # before any forward pass can repack them
+        info["aligned_biases"] = align_biases(model)
     compressed = decompress_compressed_tensors(model, what) if fmt == "compressed-tensors" else None
     audit_finite(model, what)
     model.eval()
