@@ -95,10 +95,8 @@ def partners_sentence(named: list[tuple[str, str]], status: dict[str, str]) -> s
 def reversal_partners(variants, records: list[Record], model: str, variant: str, corpus: str) -> str:
     """When a check runs: the variant's ablation partners among the manifest's `variants` (same backend), with the
     status of those already measured on the corpus in this process's `records`."""
-    by_name = {v.name: v for v in variants}
-    backend = by_name[variant].backend
-    named = partners(pairs_among({(model, v.backend, v.name): v for v in variants}), variant)
-    named = [(f, n) for f, n in named if by_name[n].backend == backend]
+    backend = next(v.backend for v in variants if v.name == variant)
+    named = partners(pairs_among({(model, v.backend, v.name): v for v in variants}), variant)  # pairs share a backend
     measured = {r.variant: r for r in records
                 if (r.model, r.corpus, r.metric, r.backend) == (model, corpus, "relative_perplexity", backend)}
     return partners_sentence(named, {n: partner_status(measured.get(n)) for _, n in named})
