@@ -6,6 +6,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+XDIST_ENVIRONMENT = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch):
+    """When this suite itself runs on pytest-xdist workers (`./run.sh test`), the inner runs it drives (pytester, in
+    process or as subprocesses) must not inherit the worker's environment: syrupy reads PYTEST_XDIST_WORKER from it,
+    takes an inner serial run for a worker and then neither prints nor finishes its snapshot report."""
+    for name in XDIST_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_zoo_template(tmp_path_factory) -> Path:
