@@ -16,12 +16,12 @@ counts all gave different weights, and relative perplexities that differ by up t
   bfloat16 only), with oneDNN held to its AVX2 kernels instead;
 - the numerics of the process that builds, which runs apart from the caller (`PINNED_NUMERICS`):
   MKL's conditional numerical reproducibility on its AVX2 code path, oneDNN and torch's own kernels
-  at their AVX2 level, and one thread. MKL documents that mode as giving identical results on
-  every x86-64 processor with AVX2, Intel's or AMD's, for one MKL version; torch's and oneDNN's
-  AVX2 kernels are the same code on every such CPU.
+  at their AVX2 level, and one thread. MKL documents that branch as giving identical results on
+  every Intel processor with AVX2, for one MKL version; on other vendors' CPUs it takes its AUTO
+  branch instead, and on an AMD EPYC every build differed from the recorded Intel ones (docs/demo.md).
 
-What still varies: a CPU without AVX2 or a non-x86 CPU (no pin applies, the build follows the
-machine), another torch/MKL or gptqmodel version (the recipe hash covers gptqmodel's version;
+What still varies: another CPU vendor (above), a CPU without AVX2 or a non-x86 CPU (no pin applies,
+the build follows the machine), another torch/MKL or gptqmodel version (the recipe hash covers gptqmodel's version;
 constraints.txt pins torch for this repository). `QUANTGATE_BUILD_NUMERICS=native` turns the pin
 off (to measure what it buys).
 """
