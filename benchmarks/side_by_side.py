@@ -6,7 +6,9 @@ Each tree is a checkout (its own `src/` and `quantgate.toml`; the recipe variant
 `build/zoo`). For each variant and tree, a fresh process loads the variant and does what the gate does with
 it while it is resident: both corpora scored, every task scored. It reports, per variant and tree:
 
-- task: each task's scoring time (the sum over the variant's tasks is the issue's "task scoring per variant");
+- task: each task's scoring time (the sum over the variant's tasks is the issue's "task scoring per variant"),
+  as the gate scores it: a tree whose `run_task` takes drafts gets the task baseline's answers (read before
+  the clock starts), as `compare_task` passes them;
 - ppl: the corpora's scoring time;
 - forward: the time spent inside the model's forward passes (transformers) or llama_decode (llama.cpp);
 - fixed: everything else from the process's start to the end (imports, manifest, tokenizing, hashing,
@@ -57,9 +59,15 @@ for corpus in ev.model(model).corpora:
     t = time.perf_counter()
     ev.measure(model, variant, corpus)
     out["ppl"][corpus] = time.perf_counter() - t
+import inspect
+drafted = "drafts" in inspect.signature(ev.run_task).parameters
 for task in ev.model(model).tasks:
+    kwargs = {}
+    if drafted:  # as the gate scores a variant's task: against its baseline, whose answers are drafts
+        baseline = ev.comparable_task_baseline(model, task, ev.backend_of(model, variant))
+        kwargs["drafts"] = dict(zip(baseline.ids, baseline.answers))
     t = time.perf_counter()
-    ev.run_task(model, variant, task)
+    ev.run_task(model, variant, task, **kwargs)
     out["task"][task] = time.perf_counter() - t
 out["forward"] = forward[0]
 out["total"] = time.perf_counter() - started

@@ -143,6 +143,27 @@ def test_generation_side_by_side_against_one_at_a_time(benchmark, backend, evalu
     assert batched == [backend.generate_until(c, **kwargs) for c in contexts]
 
 
+def test_generation_with_the_references_answers_as_drafts(benchmark, backend, evaluator):
+    """The demo's line-end task (the fast tier's items) as the gate scores a variant against its baseline: the
+    baseline's answers as drafts, checked in one pass (generate_batch with drafts), against step-by-step decoding
+    of the same rows (generate_batch alone), timed in this run. Here the variant is the reference itself, so
+    every draft holds: the ratio is the most drafts can give; docs/speed.md has it for every variant."""
+    from quantgate.tasks.generation import draft_tokens, newline_token_ids
+
+    tokenizer = evaluator.reference_tokenizer("demo")
+    items = evaluator.task("demo", "code-line-end").items
+    baseline = evaluator.comparable_task_baseline("demo", "code-line-end")
+    contexts = [tokenizer(i.prompt, add_special_tokens=False)["input_ids"] for i in items]
+    drafts = draft_tokens(tokenizer, items, contexts, dict(zip(baseline.ids, baseline.answers, strict=True)))
+    stop = [*newline_token_ids(tokenizer), tokenizer.eos_token_id]
+    kwargs = dict(max_new_tokens=12, max_length=256, stop=stop, batch_size=4)
+    plain = _min_seconds(lambda: backend.generate_batch(contexts, **kwargs), rounds=2)
+    drafted = benchmark.pedantic(backend.generate_batch, args=(contexts,), kwargs={**kwargs, "drafts": drafts},
+                                 rounds=2, iterations=1)
+    benchmark.extra_info.update(plain_seconds=round(plain, 3), speedup=round(plain / benchmark.stats.stats.min, 2))
+    assert drafted == backend.generate_batch(contexts, **kwargs)
+
+
 def test_perplexity_scoring_against_a_plain_forward_pass(benchmark, backend, stream):
     """The perplexity engine (loglikelihood_rolling: windows, forward, log-softmax of the scored rows, gathers)
     against the forward passes alone over the same windows and batches (the model's logits, nothing more),

@@ -151,3 +151,79 @@ def test_decoding_side_by_side_gives_each_row_what_it_gets_alone(tiny):
     for batch_size in (2, 5):
         assert backend.generate_batch(contexts, max_new_tokens=6, max_length=64, stop=stop,
                                       batch_size=batch_size) == alone
+
+
+def _drafted(backend, contexts, drafts, **kwargs):
+    """generate_batch with drafts, counting the model's forward passes and decoding calls."""
+    calls = {"generate": 0}
+    generate = backend.model.generate
+
+    def counting(*args, **kw):
+        calls["generate"] += 1
+        return generate(*args, **kw)
+
+    backend.model.generate = counting
+    try:
+        return backend.generate_batch(contexts, drafts=drafts, **kwargs), calls["generate"]
+    finally:
+        del backend.model.generate
+
+
+def test_drafts_change_no_output_and_a_right_one_needs_no_decoding(tiny):
+    """Drafts checked in one pass (speculative decoding's check) give what plain greedy decoding gives, whatever
+    they are: the model's own continuation, one wrong from a token on, empty, too long, random ids or absent.
+    A right draft ends without a single decoding step."""
+    backend, tok = tiny.backend, tiny.tokenizer
+    prompts = ["def f3(x, y):\n    total =", "The river", "import numpy as np\nx = np.", "a", "class A:\n    def"]
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop = tok("\n", add_special_tokens=False)["input_ids"]
+    kwargs = dict(max_new_tokens=6, max_length=64, stop=stop)
+    for batch_size in (1, 3):
+        plain = backend.generate_batch(contexts, batch_size=batch_size, **kwargs)
+        assert _drafted(backend, contexts, plain, batch_size=batch_size, **kwargs) == (plain, 0)
+        rng = np.random.default_rng(batch_size)
+        wrong = [p[:1] + [(p[1] + 1) % len(tok)] + p[2:] if len(p) > 1 else [] for p in plain]
+        others = [wrong, [[] for _ in plain], [p + p + p for p in plain], [None, *plain[1:]],
+                  [list(rng.integers(0, len(tok), size=4)) for _ in plain]]
+        for drafts in others:
+            assert _drafted(backend, contexts, drafts, batch_size=batch_size, **kwargs)[0] == plain
+
+
+def test_settling_a_draft_keeps_its_tokens_while_they_are_the_models():
+    from quantgate.backends.hf import _settle
+
+    # best[k] is the model's top token after draft[:k]
+    assert _settle([5, 6, 9], [5, 6], max_new_tokens=4, stop=[9]) == ([5, 6], True)  # draft, then a stop token
+    assert _settle([5, 7, 9], [5, 6], max_new_tokens=4, stop=[9]) == ([5, 7], False)  # off the draft at 6: decode on
+    assert _settle([5, 6, 8], [5, 6], max_new_tokens=4, stop=[9]) == ([5, 6, 8], False)  # past the draft
+    assert _settle([5, 6, 8], [5, 6], max_new_tokens=2, stop=[9]) == ([5, 6], True)  # the budget reached
+    assert _settle([5, 7], [5, 6], max_new_tokens=2, stop=[9]) == ([5, 7], True)  # the budget reached off the draft
+    assert _settle([9], [], max_new_tokens=4, stop=[9]) == ([], True)
+
+
+def test_drafts_are_not_used_where_a_decoding_step_is_not_the_top_token(tiny):
+    """A generation config that moves a step off the top token (here a suppressed token; a repetition penalty
+    likewise) makes the draft check wrong, so such a model decodes step by step: the output is the config's."""
+    backend, tok = tiny.backend, tiny.tokenizer
+    contexts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("The river", "a b a b a")]
+    kwargs = dict(max_new_tokens=6, max_length=64, stop=tok("\n", add_special_tokens=False)["input_ids"], batch_size=2)
+    plain = backend.generate_batch(contexts, **kwargs)
+    backend.model.generation_config.suppress_tokens = [plain[0][0]]
+    try:
+        suppressed = backend.generate_batch(contexts, **kwargs)
+        assert suppressed[0][0] != plain[0][0]
+        assert _drafted(backend, contexts, plain, **kwargs) == (suppressed, 1)
+    finally:
+        backend.model.generation_config.suppress_tokens = None
+
+
+def test_scored_generation_with_the_references_answers_as_drafts(tiny):
+    """score_generation with drafts (item id -> the reference's output text): the same outputs as without."""
+    backend, tok = tiny.backend, tiny.tokenizer
+    items = [GenerationItem(f"g{n}", p, "") for n, p in enumerate(["def f3(x, y):\n    tot", "The riv", "import nu"])]
+    kwargs = dict(extract=rest_of_line, max_new_tokens=5, max_length=64,
+                  stop_ids=tok("\n", add_special_tokens=False)["input_ids"], batch_size=2)
+    plain = score_generation(backend, tok, items, **kwargs)
+    drafts = dict(zip(plain["ids"], plain["outputs"], strict=True))
+    assert score_generation(backend, tok, items, drafts=drafts, **kwargs) == plain
+    assert score_generation(backend, tok, items, drafts={"g0": "zzz", "g2": 3}, **kwargs) == plain

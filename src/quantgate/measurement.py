@@ -150,15 +150,17 @@ class Measurer:
         finally:
             release(reference)
 
-    def run_task(self, model: str, variant: str | None, name: str, backend: str | None = None):
-        """Score a task with one checkpoint (loaded, or already resident), fed the reference tokenizer's ids."""
+    def run_task(self, model: str, variant: str | None, name: str, backend: str | None = None, drafts=None):
+        """Score a task with one checkpoint (loaded, or already resident), fed the reference tokenizer's ids;
+        `drafts`: the reference's answers by item id, to check rather than decode (tasks/generation.py)."""
         from .tasks.suite import run_task
 
         loaded = self.residency.checkpoint(model, variant, backend or self.ws.backend_of(model, variant))
         self.residency.check_tokenizer(model, variant, loaded)
         task = self.ws.task(model, name)
         with progress.stage(f"{model}/{variant or 'reference'}: {name}", total=len(task.items), unit="item"):
-            return run_task(task, loaded.backend, self.ws.reference_tokenizer(model), self.ws.settings(model))
+            return run_task(task, loaded.backend, self.ws.reference_tokenizer(model), self.ws.settings(model),
+                            drafts=drafts)
 
     def compare_task(self, model: str, variant: str, name: str, baseline):
         """A variant's task result against the FP16 baseline's, item by item; cached per case."""
@@ -167,7 +169,7 @@ class Measurer:
 
         key = (model, variant, name, self.ws.profile)
         if key not in self._task_comparisons:
-            result = self.run_task(model, variant, name)
+            result = self.run_task(model, variant, name, drafts=dict(zip(baseline.ids, baseline.answers, strict=True)))
             if result.ids != baseline.ids:
                 raise ProtocolMismatch(f"{model}/{variant} task {name}: items differ from the baseline's "
                                        f"({len(result.ids)} vs {len(baseline.ids)})")

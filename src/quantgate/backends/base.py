@@ -143,8 +143,9 @@ class ScoringBackend(abc.ABC):
         return out
 
     def generate_batch(self, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, max_length: int,
-                       stop: Sequence[int] = (), batch_size: int = 1) -> list[list[int]]:
-        """`generate_until` for many contexts; a backend that can decode rows side by side overrides it."""
+                       stop: Sequence[int] = (), batch_size: int = 1, drafts=None) -> list[list[int]]:
+        """`generate_until` for many contexts; a backend that can decode rows side by side overrides it. `drafts`
+        (a guessed continuation per context) may only make it faster, never change what it returns: unused here."""
         out = []
         for c in contexts:
             out.append(self.generate_until(c, max_new_tokens=max_new_tokens, max_length=max_length, stop=stop))

@@ -106,32 +106,30 @@ class TransformersBackend(ScoringBackend):
             progress.advance(sum(left[i] == 0 for i, _ in chunk), "item")
         return out
 
-    def generate_batch(self, contexts, *, max_new_tokens: int, max_length: int, stop=(), batch_size: int = 1):
+    def generate_batch(self, contexts, *, max_new_tokens: int, max_length: int, stop=(), batch_size: int = 1,
+                       drafts=None):
         """Greedy decoding of `batch_size` contexts side by side (left-padded, longest first, each row ending at
-        its own first stop token), as lm-evaluation-harness batches generation requests."""
-        import torch
+        its own first stop token), as lm-evaluation-harness batches generation requests.
 
+        With `drafts` (a guess per context at its continuation: the reference's answer), each context and its
+        draft first go through the model in one pass, and the draft's tokens are kept as long as each is the
+        model's own greedy choice there (speculative decoding's check): a row whose draft holds up to a stop
+        token, or to max_new_tokens, needs no decoding step at all; any other row decodes on from its last kept
+        token, the model's own. The output is the model's greedy decoding either way; only the arithmetic
+        order differs (one pass against step by step), which can flip a near-tie."""
         keep = max(1, max_length - max_new_tokens)
         rows = [list(c)[-keep:] for c in contexts]
         stop = [int(t) for t in stop]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        out: list = [None] * len(rows)
-        for begin in range(0, len(order), max(1, batch_size)):
-            chunk = order[begin:begin + max(1, batch_size)]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(rows[i]):] = torch.as_tensor(rows[i])
-                mask[row, width - len(rows[i]):] = 1
-            with torch.inference_mode():
-                generated = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                                eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
-            for row, i in enumerate(chunk):
-                new = generated[row, width:].tolist()
-                out[i] = next((new[:k] for k, t in enumerate(new) if t in stop), new)
-            progress.advance(len(chunk), "item")
+        kept: list[list[int]] = [[] for _ in rows]
+        pending = list(range(len(rows)))
+        if drafts is not None and _plain_greedy(self.model, stop):
+            pending = _check_drafts(self, rows, [list(d or ())[:max_new_tokens] for d in drafts], kept,
+                                    max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size)
+        out: list = list(kept)
+        for i, tokens in zip(pending, _decode(self, [rows[i] + kept[i] for i in pending],
+                                              [max_new_tokens - len(kept[i]) for i in pending],
+                                              stop=stop, batch_size=batch_size), strict=True):
+            out[i] = kept[i] + tokens
         return out
 
     def generate_until(self, context, *, max_new_tokens: int, max_length: int, stop=()) -> list[int]:
@@ -208,6 +206,100 @@ def _mask(model, visible):
         return visible
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def _decode(backend: TransformersBackend, rows, budgets, *, stop, batch_size):
+    """transformers' greedy generate over rows of similar length and budget, side by side."""
+    import torch
+
+    order = sorted(range(len(rows)), key=lambda i: (-budgets[i], -len(rows[i])))
+    out: list = [None] * len(rows)
+    for begin in range(0, len(order), max(1, batch_size)):
+        chunk = order[begin:begin + max(1, batch_size)]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(rows[i]):] = torch.as_tensor(rows[i])
+            mask[row, width - len(rows[i]):] = 1
+        with torch.inference_mode():
+            generated = backend.model.generate(input_ids=ids.to(backend.device), attention_mask=mask.to(backend.device),
+                                            max_new_tokens=max(budgets[i] for i in chunk), do_sample=False,
+                                            num_beams=1, eos_token_id=stop or None,
+                                            pad_token_id=stop[0] if stop else 0)
+        for row, i in enumerate(chunk):
+            new = generated[row, width:width + budgets[i]].tolist()  # greedy is causal: a shorter budget is a cut
+            out[i] = next((new[:k] for k, t in enumerate(new) if t in stop), new)
+        progress.advance(len(chunk), "item")
+    return out
+
+def _check_drafts(backend: TransformersBackend, rows, drafts, kept, *, max_new_tokens: int, stop,
+                  batch_size: int) -> list[int]:
+    """One pass over each context and its draft (right-padded, `batch_size` rows a pass): fills `kept` with the
+    greedy tokens the pass settles and returns the rows that still need decoding."""
+    import torch
+
+    pending = []
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]) + len(drafts[i])))
+    for begin in range(0, len(order), max(1, batch_size)):
+        chunk = order[begin:begin + max(1, batch_size)]
+        width = max(len(rows[i]) + len(drafts[i]) for i in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            seq = rows[i] + drafts[i]
+            ids[row, :len(seq)] = torch.as_tensor(seq)
+            mask[row, :len(seq)] = 1
+        lo = min(len(rows[i]) for i in chunk) - 1  # the first position that predicts a generated token
+        keep = {"logits_to_keep": torch.arange(lo, width, device=backend.device)} if backend._keeps_logits else {}
+        lo = lo if keep else 0
+        with torch.inference_mode():
+            logits = backend.model(input_ids=ids.to(backend.device), attention_mask=mask.to(backend.device), **keep).logits
+            best = logits.float().argmax(dim=-1).cpu()
+        done = 0
+        for row, i in enumerate(chunk):
+            at = len(rows[i]) - 1 - lo
+            settled, finished = _settle(best[row, at:at + len(drafts[i]) + 1].tolist(), drafts[i],
+                                        max_new_tokens=max_new_tokens, stop=stop)
+            kept[i] = settled
+            if finished:
+                done += 1
+            else:
+                pending.append(i)
+        progress.advance(done, "item")
+    return sorted(pending)
+
+
+def _settle(best: list[int], draft: list[int], *, max_new_tokens: int, stop) -> tuple[list[int], bool]:
+    """The greedy tokens that a pass over context + draft settles, from the model's top token at each position
+    (best[k] follows draft[:k]), and whether decoding is over (a stop token, or max_new_tokens reached)."""
+    out: list[int] = []
+    for k, token in enumerate(best):
+        if len(out) == max_new_tokens or token in stop:
+            return out, True
+        out.append(token)
+        if k == len(draft) or token != draft[k]:  # past the draft, or off it: the model's own token, then decode on
+            break
+    return out, len(out) == max_new_tokens
+
+
+# transformers' generation settings that make a decoding step something other than the top token
+_NOT_PLAIN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+              "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0,
+              "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+              "sequence_bias": None, "exponential_decay_length_penalty": None, "logits_processor": None}
+
+
+def _plain_greedy(model, stop) -> bool:
+    """Whether the model's generation config leaves greedy decoding as the top token at each step (no penalty,
+    no suppressed or forced token, no end token but `stop`): only then can a draft be checked against a single
+    pass's top tokens."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    if not stop and getattr(config, "eos_token_id", None) is not None:
+        return False
+    return all(getattr(config, key, default) in (default, None) for key, default in _NOT_PLAIN.items())
 
 
 def _packing_agrees(backend: TransformersBackend, group, *, max_length: int) -> bool:

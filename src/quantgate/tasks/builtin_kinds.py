@@ -44,7 +44,7 @@ def _score_line_end(task, backend, tokenizer, settings) -> ScoredItems:
 
     out = score_generation(backend, tokenizer, task.items, extract=rest_of_line, max_new_tokens=task.spec.max_new_tokens,
                            max_length=settings.max_length, stop_ids=[*newline_token_ids(tokenizer), *_eos(tokenizer)],
-                           batch_size=settings.batch_size)
+                           batch_size=settings.batch_size, drafts=task.drafts)
     return ScoredItems(ids=list(out["ids"]), correct=list(out["correct"]), answers=list(out["outputs"]))
 
 
@@ -53,7 +53,7 @@ def _score_gsm8k(task, backend, tokenizer, settings) -> ScoredItems:
 
     out = score_generation(backend, tokenizer, task.items, extract=gsm8k_answer, max_new_tokens=task.spec.max_new_tokens,
                            max_length=settings.max_length, stop_ids=_eos(tokenizer), stop_strings=GSM8K_STOPS,
-                           batch_size=settings.batch_size)
+                           batch_size=settings.batch_size, drafts=task.drafts)
     return ScoredItems(ids=list(out["ids"]), correct=list(out["correct"]), answers=list(out["outputs"]))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 
@@ -63,14 +63,35 @@ def newline_token_ids(tokenizer) -> list[int]:
     return newline_ids(tokenizer)
 
 
+def draft_tokens(tokenizer, items: Sequence[GenerationItem], contexts: Sequence[Sequence[int]],
+                 drafts: Mapping[str, Any]) -> list[list[int] | None]:
+    """Each item's draft text (the reference's answer) as the tokens that would follow its prompt: the ids of
+    prompt + draft after the prompt's own when those come first, else the draft's ids alone; None without one."""
+    from ..tokencache import encode_texts
+
+    have = [i for i, item in enumerate(items) if isinstance(drafts.get(item.id), str)]
+    joined = encode_texts(tokenizer, [items[i].prompt + drafts[items[i].id] for i in have])
+    alone = encode_texts(tokenizer, [drafts[items[i].id] for i in have])
+    out: list[list[int] | None] = [None] * len(items)
+    for i, both, own in zip(have, joined, alone, strict=True):
+        n = len(contexts[i])
+        out[i] = both[n:] if list(both[:n]) == list(contexts[i]) else own
+    return out
+
+
 def score_generation(backend, tokenizer, items: Sequence[GenerationItem], *, extract: Callable[[str], Any],
                      max_new_tokens: int, max_length: int, stop_ids: Sequence[int] = (),
-                     stop_strings: Sequence[str] = (), batch_size: int = 1) -> dict[str, Any]:
+                     stop_strings: Sequence[str] = (), batch_size: int = 1,
+                     drafts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Greedy outputs, cut and judged. `drafts` (item id -> the reference's output) lets the backend check a
+    guessed continuation in one pass instead of decoding it step by step; the outputs are the model's own."""
     from ..tokencache import encode_texts
 
     contexts = encode_texts(tokenizer, [item.prompt for item in items])
+    guesses = draft_tokens(tokenizer, items, contexts, drafts) if drafts else None
     generated = backend.generate_batch(contexts, max_new_tokens=max_new_tokens, max_length=max_length,
-                                       stop=list(dict.fromkeys(stop_ids)), batch_size=batch_size)
+                                       stop=list(dict.fromkeys(stop_ids)), batch_size=batch_size,
+                                       **({"drafts": guesses} if guesses is not None else {}))
     outputs, correct = [], []
     for item, tokens in zip(items, generated, strict=True):
         text = tokenizer.decode(tokens)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..errors import QuantgateError
 from ..manifest import CorpusSpec, ProtocolSettings, TaskSpec
@@ -28,6 +28,10 @@ class LoadedTask:
     source: str  # datasets builder / hub id, split, files (as for corpora)
     items: tuple[Any, ...]  # ChoiceItem | GenerationItem | a HumanEval problem dict
     shots: tuple[Any, ...] = ()
+    # What the reference answered, by item id (its task baseline's answers), when a variant is scored against
+    # one. Not part of the protocol: a kind may use them to go faster (generation checks them as drafts), never
+    # to change an outcome.
+    drafts: Mapping[str, Any] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -145,8 +149,14 @@ class TaskResult:
         return asdict(self)
 
 
-def run_task(task: LoadedTask, backend, tokenizer, settings: ProtocolSettings) -> TaskResult:
-    """Score every item of a task with one loaded model, as its kind says. Greedy decoding: deterministic on CPU."""
+def run_task(task: LoadedTask, backend, tokenizer, settings: ProtocolSettings,
+             drafts: Mapping[str, Any] | None = None) -> TaskResult:
+    """Score every item of a task with one loaded model, as its kind says. Greedy decoding: deterministic on CPU.
+    `drafts`: the reference's answers by item id (LoadedTask.drafts)."""
+    from dataclasses import replace
+
+    if drafts is not None:
+        task = replace(task, drafts=dict(drafts))
     spec = task.spec
     started = time.perf_counter()
     out = task_kind(spec.schema).score(task, backend, tokenizer, settings)
