@@ -71,11 +71,16 @@ def draft_tokens(tokenizer, items: Sequence[GenerationItem], contexts: Sequence[
 
     have = [i for i, item in enumerate(items) if isinstance(drafts.get(item.id), str)]
     joined = encode_texts(tokenizer, [items[i].prompt + drafts[items[i].id] for i in have])
-    alone = encode_texts(tokenizer, [drafts[items[i].id] for i in have])
     out: list[list[int] | None] = [None] * len(items)
-    for i, both, own in zip(have, joined, alone, strict=True):
+    apart = []  # the prompt's tokens merged with the draft's: the draft tokenized alone
+    for i, both in zip(have, joined, strict=True):
         n = len(contexts[i])
-        out[i] = both[n:] if list(both[:n]) == list(contexts[i]) else own
+        if both[:n] == list(contexts[i]):
+            out[i] = both[n:]
+        else:
+            apart.append(i)
+    for i, own in zip(apart, encode_texts(tokenizer, [drafts[items[i].id] for i in apart]), strict=True):
+        out[i] = own
     return out
 
 
