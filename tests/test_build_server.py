@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (pip install 'quantgate[gptq]')")
 
-from quantgate.checkpoints import gptq_build  # noqa: E402
+from quantgate.checkpoints import gptq_build, loading  # noqa: E402
 from quantgate.zoo import weights_digest  # noqa: E402
 
 # The tiny reference's layers are 32 and 64 wide: groups of 32.
@@ -45,11 +45,23 @@ def _fresh_process_build(reference: Path, out: Path, chunks, recipe: dict, tmp_p
     return json.loads(record.read_text())
 
 
-def test_builds_in_one_process_give_the_weights_of_fresh_processes(tiny_zoo_template, tmp_path):
+@pytest.fixture(scope="module")
+def gptq8(tiny_zoo_template, tmp_path_factory) -> tuple[Path, dict]:
+    """An 8-bit build of the tiny reference, the first of a new build process (left running)."""
+    reference = tiny_zoo_template / "models" / "reference"
+    gptq_build.BuildProcess.close_all()
+    out = tmp_path_factory.mktemp("gptq8") / "w8"
+    record = gptq_build.build_gptq(reference, out, calibration_texts=_calibration(reference), **GPTQ8)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (reference / name).exists() and not (out / name).exists():
+            (out / name).write_bytes((reference / name).read_bytes())
+    return out, record
+
+
+def test_builds_in_one_process_give_the_weights_of_fresh_processes(gptq8, tiny_zoo_template, tmp_path):
     reference = tiny_zoo_template / "models" / "reference"
     chunks = _calibration(reference)
-    gptq_build.BuildProcess.close_all()
-    first = gptq_build.build_gptq(reference, tmp_path / "w8", calibration_texts=chunks, **GPTQ8)
+    first = gptq8[1]
     process = next(iter(gptq_build.BuildProcess._running.values()))
     second = gptq_build.build_gptq(reference, tmp_path / "w4", calibration_texts=chunks, **GPTQ4)
     assert next(iter(gptq_build.BuildProcess._running.values())) is process and process.builds == 2  # reused
@@ -78,3 +90,44 @@ def test_a_failed_build_quotes_gptqmodel_and_the_next_build_gets_a_new_process(t
     gptq_build.build_gptq(reference, tmp_path / "good", calibration_texts=chunks, **GPTQ4)
     assert (tmp_path / "good" / "config.json").is_file()
     gptq_build.BuildProcess.close_all()
+
+
+# gptqmodel's torch GPTQ kernel (8-bit layers) unpacks every weight on every forward pass; on the CPU the gate lets
+# it keep the unpacked weights (its own switch) where memory allows: the same logits, bit for bit.
+
+
+def _load(path):
+    return loading.load_checkpoint(path, fmt="gptq", dtype="float32", device="cpu", what="tiny/gptq-w8")
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def test_unpacked_weights_are_kept_and_give_the_same_logits(gptq8):
+    import torch
+
+    loaded = _load(gptq8[0])
+    layers = [m for m in loaded.model.modules() if hasattr(m, "_cached_weights")]
+    assert layers, loaded.description["kernels"]
+    assert loaded.description["dequantized_weights_cached_bytes"] == sum(4 * m.in_features * m.out_features
+                                                                         for m in layers)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    first = _logits(loaded.model, ids)  # unpacks each weight and keeps it
+    assert all(m._cached_weights for m in layers)
+    kept = _logits(loaded.model, ids)  # reads the kept weights
+    for m in layers:
+        m._cache_enabled = False
+        m._cached_weights.clear()
+    unpacked = _logits(loaded.model, ids)  # gptqmodel's default: unpacked on every pass
+    assert torch.equal(first, unpacked) and torch.equal(kept, unpacked)
+
+
+def test_without_the_memory_for_them_the_weights_are_unpacked_each_pass(gptq8, monkeypatch):
+    monkeypatch.setattr(loading, "_memory_available", lambda: 4096)
+    loaded = _load(gptq8[0])
+    assert "dequantized_weights_cached_bytes" not in loaded.description
+    assert not any(m._cache_enabled for m in loaded.model.modules() if hasattr(m, "_cached_weights"))
