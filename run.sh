@@ -59,7 +59,8 @@ case "$job" in
     setup
     browser
     # The test files side by side on the CPU's cores (pytest-xdist, a file per worker: a module's fixtures such as
-    # its recipe builds are made once). Most tests are inner pytest runs and subprocesses.
+    # its recipe builds are made once). Most tests are inner pytest runs and subprocesses; each worker keeps to its
+    # core and so do the processes it starts (tests/conftest.py), so their threads never outnumber the cores.
     w=$(workers)
     .venv/bin/python -m pytest tests ${w:+$w --dist loadfile} "$@"
     # The fast tier's variants side by side on the CPU's cores (pytest-xdist, one variant per worker, the
