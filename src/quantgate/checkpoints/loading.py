@@ -208,7 +208,7 @@ def _memory_available() -> int:
 def cache_dequantized_weights(model, device: str) -> int:
     """On the CPU, let gptqmodel's torch GPTQ kernel keep each layer's dequantized weight after its first forward
     pass (its own `GPTQ_TORCH_CACHE_WEIGHTS` switch) instead of unpacking it again on every pass: the same matmul
-    on the same weight, so the same logits, and the 8-bit layers several times faster. Only where the float
+    on the same weight, so the same logits, and 1.3 to 1.7x faster scoring on the demo's 8-bit GPTQ. Only where the float
     weights take at most a quarter of the memory still available; returns the bytes they will take (0: off)."""
     if str(device) != "cpu":
         return 0
