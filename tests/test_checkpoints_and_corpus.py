@@ -158,3 +158,29 @@ def test_absolute_data_file_patterns_resolve(tmp_path):
         (tmp_path / "sub" / name).write_text('{"text": "x"}\n')
     spec = CorpusSpec(name="x", path="json", data_files=(str(tmp_path / "sub" / "*.jsonl"),), base_dir=Path("/nonexistent"))
     assert resolve_data_files(spec) == [str(tmp_path / "sub" / "a.jsonl"), str(tmp_path / "sub" / "b.jsonl")]
+
+
+def test_the_run_prepares_each_models_tokenizer_and_corpora_once_before_its_checks(tiny_project, monkeypatch):
+    """What every variant of a model shares (its reference tokenizer, its corpora's token ids) is made in the
+    run's preparation step; a corpus that cannot be loaded is left for its checks to raise."""
+    from quantgate import workspace
+
+    real, calls = workspace.load_corpus, []
+
+    def load(spec):
+        calls.append(spec.name)
+        if spec.name == "prose":
+            raise CorpusUnavailable(f"corpus {spec.name!r} could not be loaded (hub): Couldn't reach it")
+        return real(spec)
+
+    monkeypatch.setattr(workspace, "load_corpus", load)
+    ws = workspace.Workspace(load_manifest(tiny_project / "quantgate.toml"), profile="full", device="cpu")
+    prepared = workspace.prepare(ws, ["tiny", "tiny"])
+    assert sorted(calls) == ["code", "prose"]
+    assert "tiny" in ws._tokenizers
+    assert prepared == {"tiny": ["code"]}  # what is ready; prose failed
+    settings = ws.settings("tiny")
+    assert ws.stream("tiny", "code", settings) is ws.stream("tiny", "code", settings)
+    with pytest.raises(CorpusUnavailable, match="corpus 'prose' could not be loaded"):
+        ws.corpus("prose")
+    assert sorted(calls) == ["code", "prose"]

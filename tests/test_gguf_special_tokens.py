@@ -80,3 +80,54 @@ def test_with_the_reference_tokenizer_it_is_scored_and_the_record_says_so(tmp_pa
     (record,) = report.records
     assert record.verdict == "pass" and abs(record.ratio - 1.0) < 1e-3
     assert record.tokenizer.startswith("reference") and "'!'" in record.tokenizer
+
+
+@pytest.fixture(scope="module")
+def plain_gguf(tmp_path_factory):
+    from quantgate.checkpoints.gguf_build import write_f16_gguf
+
+    out = tmp_path_factory.mktemp("plain") / "model-F16.gguf"
+    write_f16_gguf(REFERENCE, out)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["f16", "f16-llamacpp"])
+def test_a_resident_checkpoint_is_audited_once_per_corpus_not_once_per_check(tmp_path, plain_gguf, variant,
+                                                                               monkeypatch):
+    """The vocabulary read from the file once per load, the corpus cut by its own tokenizer once per corpus:
+    the perplexity, KL and top-1 checks of a corpus and the model's tasks all come after the same audit."""
+    import quantgate.checkpoints.tokenizer_audit as audit_module
+    import quantgate.residency as residency_module
+
+    counts = {"vocabulary": 0, "tokenize": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(audit_module, "gguf_vocabulary", counted("vocabulary", audit_module.gguf_vocabulary))
+    monkeypatch.setattr(residency_module, "tokenize", counted("tokenize", residency_module.tokenize))
+    gate, _ = project(tmp_path, plain_gguf)
+    ev = gate.evaluator
+    loaded = ev.checkpoint("demo", variant)
+    for corpus in ("code", "prose", "code", None, None, "prose"):  # corpus checks, then the tasks' (no corpus)
+        ev.residency.check_tokenizer("demo", variant, loaded, corpus)
+    assert counts["vocabulary"] == 1
+    assert counts["tokenize"] == (0 if loaded.tokenizer is None else 2)  # llama.cpp scores the reference's ids
+    assert loaded.description["tokenizer"] == "own"
+    ev.release()
+    loaded = ev.checkpoint("demo", variant)  # loaded again: audited again
+    ev.residency.check_tokenizer("demo", variant, loaded, "code")
+    assert counts["vocabulary"] == 2
+
+
+def test_a_refused_tokenizer_is_refused_by_every_check_of_the_variant(tmp_path, gguf_with_unk_on_bang):
+    path, _ = gguf_with_unk_on_bang
+    gate, _ = project(tmp_path, path)
+    ev = gate.evaluator
+    loaded = ev.checkpoint("demo", "f16")
+    for corpus in ("code", "code", None):
+        with pytest.raises(TokenizerMismatch):
+            ev.residency.check_tokenizer("demo", "f16", loaded, corpus)

@@ -357,6 +357,8 @@ def test_recipe_variants_are_built_in_a_step_of_their_own(pytester, tiny_zoo_tem
     out = result.stdout.str()
     assert "quantgate: build tiny/cast: built in" in out or "quantgate: build tiny/cast: cached" in out
     assert out.index("quantgate: build tiny/cast") < out.index("test_relative_perplexity")
+    assert re.search(r"quantgate: prepared tiny \(2 corpora\): reference tokenizers and token ids in [\d.]+s", out)
+    assert out.index("quantgate: build tiny/cast") < out.index("quantgate: prepared") < out.index("test_relative_perplexity")
 
 
 HOLD_LOCK = """

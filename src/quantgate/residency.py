@@ -113,16 +113,18 @@ def check_tokenizer(ws: Workspace, model: str, variant: str | None, corpus: str,
     """checkpoints/tokenizer_audit.py: a GGUF's vocabulary and special tokens are read from the file itself,
     whichever backend scores it; a checkpoint with its own tokenizer files must also cut the corpus into the
     reference's ids, unless the variant asks for the reference's tokenizer. How the text was tokenized goes
-    into the description."""
+    into the description. Once per load for the vocabulary and once per corpus for the ids: what passed stays
+    passed while the checkpoint is resident, and a refusal is raised again by each check that asks."""
     from .checkpoints.tokenizer_audit import audit, gguf_vocabulary, reference_vocabulary
 
     what, settings = f"{model}/{variant or 'reference'}", ws.settings(model)
     source = loaded.description["tokenizer_from"]
     use_reference = variant is not REFERENCE and ws.variant(model, variant).tokenizer == "reference"
-    reference = reference_vocabulary(ws.reference_tokenizer(model), str(ws.model(model).path))
-    own = gguf_vocabulary(Path(source)) if str(source).endswith(".gguf") else reference_vocabulary(loaded.tokenizer, str(source))
-    loaded.description["tokenizer"] = audit(reference, own, what=what, use_reference=use_reference)
-    if use_reference or loaded.tokenizer is None:
+    if "tokenizer" not in loaded.description:
+        reference = reference_vocabulary(ws.reference_tokenizer(model), str(ws.model(model).path))
+        own = gguf_vocabulary(Path(source)) if str(source).endswith(".gguf") else reference_vocabulary(loaded.tokenizer, str(source))
+        loaded.description["tokenizer"] = audit(reference, own, what=what, use_reference=use_reference)
+    if use_reference or loaded.tokenizer is None or corpus in loaded.audited:
         return
     reference_ids = ws.tokenized(model, corpus, settings)
     own_ids = tokenize(ws.corpus(corpus), loaded.tokenizer, add_bos=settings.add_bos, token_cap=settings.token_cap)
@@ -135,3 +137,4 @@ def check_tokenizer(ws: Workspace, model: str, variant: str | None, corpus: str,
             f"{first}): perplexities would not be comparable. The vocabularies and special tokens agree, so "
             f"the split rules differ (pre-tokenizer, merges or normalizer); if the reference's ids are what you "
             f'mean to score, set tokenizer = "reference" on the variant in quantgate.toml')
+    loaded.audited.add(corpus)

@@ -13,6 +13,7 @@ policy. `exit_status` is a pure function of the ledger and pytest's own status, 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,15 +152,13 @@ class QualitySession:
         return self.evaluator
 
     def build(self, pairs, write) -> None:
-        """The build step: every recipe variant the collected checks need, before anything is measured."""
+        """Before anything is measured: the recipe variants the checks need, then what a model's variants share."""
         pairs = list(dict.fromkeys(pairs))
         if not pairs:
             return
         if self.worker is not None:  # every worker walks the list from elsewhere: builds run side by side
             pairs = self.worker.build_order(pairs)
-        evaluator = self.start()
-        for model, variant, what in evaluator.build(pairs):
-            write(f"quantgate: build {model}/{variant}: {what}")
+        build_and_prepare(self.start(), pairs, write)
 
     def in_use(self) -> bool:
         """A manifest was named or is found: this run is quantgate's business."""
@@ -226,3 +225,16 @@ class QualitySession:
                 lines.append((f"quantgate bisect: cannot test here, exit {BISECT_SKIP}: "
                               + ", ".join(self.untestable + self.skipped), False))
         return lines
+
+
+def build_and_prepare(evaluator, pairs: list[tuple[str, str]], write) -> None:
+    """The recipe builds, a line each, then workspace.prepare, timed: the reference tokenizers and token ids every
+    variant of a model shares."""
+    from .workspace import prepare
+
+    for model, variant, what in evaluator.build(pairs):
+        write(f"quantgate: build {model}/{variant}: {what}")
+    started = time.perf_counter()
+    ready = prepare(evaluator.workspace, [model for model, _ in pairs])
+    write(f"quantgate: prepared {', '.join(f'{m} ({len(c)} corpora)' for m, c in ready.items())}: reference "
+          f"tokenizers and token ids in {time.perf_counter() - started:.1f}s")

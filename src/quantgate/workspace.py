@@ -165,6 +165,23 @@ class Workspace:
         return environment(self.device)
 
 
+def prepare(ws: Workspace, models) -> dict[str, list[str]]:
+    """Before the first check: each model's reference tokenizer and its corpora's token ids, which all its
+    variants share (a run pays them once, not its first variant). Returns the corpora made ready per model; a
+    tokenizer or corpus that fails is left for the checks that need it to raise (the workspace keeps a corpus's
+    failure, so it is not tried twice)."""
+    ready: dict[str, list[str]] = {}
+    for model in dict.fromkeys(models):
+        ready[model] = []
+        for corpus in ws.model(model).corpora:
+            try:
+                ws.stream(model, corpus, ws.settings(model))
+            except Exception:  # noqa: BLE001 - raised again, with its own message, by the checks
+                continue
+            ready[model].append(corpus)
+    return ready
+
+
 def require_windows(windows: list, tokens: int, s: ProtocolSettings, *, what: str, model: str) -> int:
     """Tokens scored in the windows; an error when the corpus is too short to score, or to bootstrap."""
     from .stats import MIN_BLOCKS

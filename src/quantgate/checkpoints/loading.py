@@ -37,6 +37,7 @@ class LoadedCheckpoint:
     description: dict[str, Any] = field(default_factory=dict)
     backend: Any = None  # the ScoringBackend that scores with this model
     vocabulary: list[str] | None = None  # id -> token string, for backends that score ids without a HF tokenizer
+    audited: set[str] = field(default_factory=set)  # corpora its own tokenizer was seen to cut into the reference's ids
 
 
 def checkpoint_size_bytes(path: Path) -> int:
