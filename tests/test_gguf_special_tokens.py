@@ -131,3 +131,26 @@ def test_a_refused_tokenizer_is_refused_by_every_check_of_the_variant(tmp_path, 
     for corpus in ("code", "code", None):
         with pytest.raises(TokenizerMismatch):
             ev.residency.check_tokenizer("demo", "f16", loaded, corpus)
+
+
+@pytest.mark.parametrize("variant", ["f16", "f16-llamacpp"])
+def test_a_gguf_header_is_parsed_once_for_the_audits_and_the_description(tmp_path, plain_gguf, variant):
+    """The declared-format audit, the description's tensor types and the tokenizer audit read one parse of the
+    file (a parse walks the whole vocabulary); a file written again under the same name is parsed again."""
+    import shutil
+
+    from quantgate.checkpoints import gguf_build
+
+    copy = tmp_path / "model-F16.gguf"
+    shutil.copy(plain_gguf, copy)
+    gate, _ = project(tmp_path, copy)
+    ev = gate.evaluator
+    gguf_build._reader.cache_clear()
+    loaded = ev.checkpoint("demo", variant)
+    ev.residency.check_tokenizer("demo", variant, loaded, "code")
+    assert gguf_build._reader.cache_info().misses == 1
+    assert loaded.description["tokenizer"] == "own" and loaded.description["gguf_tensor_types"]
+    ev.release()
+    copy.write_bytes(b"GGUF" + b"\0" * 8)  # rewritten: not the file parsed before
+    with pytest.raises(Exception, match="model-F16.gguf"):
+        ev.checkpoint("demo", variant)

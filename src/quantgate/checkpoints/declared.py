@@ -91,10 +91,12 @@ def audit_declared(path: Path, *, fmt: str, bits: int, group_size: int | None, d
 
 def _gguf(path: Path) -> dict[str, Any]:
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401
     except ImportError:
         return {"method": "gguf", "bits": None, "group_size": None, "desc_act": None, "source": "gguf not installed"}
-    field = GGUFReader(str(path)).fields.get("general.file_type")
+    from .gguf_build import gguf_reader
+
+    field = gguf_reader(path).fields.get("general.file_type")
     file_type = int(field.parts[field.data[0]][0]) if field is not None else None
     return {"method": "gguf", "bits": GGUF_FILE_TYPE_BITS.get(file_type), "group_size": None, "desc_act": None,
             "source": f"{path.name}: general.file_type {file_type}"}

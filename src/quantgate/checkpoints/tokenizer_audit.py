@@ -41,9 +41,11 @@ def reference_vocabulary(tokenizer, source: str) -> Vocabulary:
 
 def gguf_vocabulary(path: Path) -> Vocabulary:
     """Tokens, and the ids read as special, from a GGUF's metadata (as transformers and llama.cpp read it)."""
-    from gguf import GGUFReader, TokenType
+    from gguf import TokenType
 
-    reader = GGUFReader(str(path))
+    from .gguf_build import gguf_reader
+
+    reader = gguf_reader(path)
 
     def field(key):
         f = reader.get_field(key)
