@@ -4,7 +4,10 @@ checks' own work are what remains; the recipe builds happen before the checks an
 
     pytest -m quality quality_tests -p no:cacheprovider --quality-profile fast \
         --junitxml /tmp/fast.xml --quality-json /tmp/fast.json
-    python benchmarks/fixed_cost.py /tmp/fast.xml /tmp/fast.json
+    python benchmarks/fixed_cost.py /tmp/fast.xml /tmp/fast.json [the run's output, for its per-run costs]
+
+Given the run's output (`... > run.log 2>&1`), it also lists what each process paid once for all its variants
+before the first check: the "quantgate: prepared" lines (the reference tokenizers and the corpora's token ids).
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ def scoring_by_variant(report: str) -> dict[str, float]:
     return dict(scoring)
 
 
-def main(junit: str, report: str) -> None:
+def per_run(log: str) -> list[str]:
+    """The preparation lines of a run's output: one per process (an xdist worker's carry its [gwN])."""
+    return [line.strip() for line in open(log, errors="replace") if "quantgate: prepared" in line]
+
+
+def main(junit: str, report: str, log: str | None = None) -> None:
     wall, scoring = wall_by_variant(junit), scoring_by_variant(report)
     rows = sorted((v, wall[v], scoring.get(v, 0.0)) for v in wall)
     print(f"{'variant':40} {'checks':>8} {'scoring':>8} {'fixed':>7}")
@@ -45,7 +53,11 @@ def main(junit: str, report: str) -> None:
     fixed = sorted(w - s for _, w, s in rows)
     print(f"fixed cost per variant: median {fixed[len(fixed) // 2]:.2f} s, largest {fixed[-1]:.2f} s, "
           f"{sum(f <= 3 for f in fixed)} of {len(fixed)} at most 3 s")
+    if log is not None:
+        print("paid once per process, before its first check:")
+        for line in per_run(log):
+            print(f"  {line}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

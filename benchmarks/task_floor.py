@@ -9,8 +9,10 @@ batches:
 - multiple choice: each packed row (context + every choice, the same rows and batches as the packed path)
   through the model with causal attention, no 4-D mask, no position ids and no scoring, the output layer from
   the same column on;
-- generation: only the prompts' forward pass (prefill, the output layer at the last position), the same rows
-  and left padding, no decoding step at all.
+- generation: with drafts (the task baseline's answers, as the gate passes them), one plain forward of each
+  prompt and its draft, the same rows and padding, every draft taken as the answer: no check, no decoding step;
+  without drafts, only the prompts' forward pass (prefill, the output layer at the last position), the same
+  rows and left padding, no decoding step at all.
 
 So the floor is what a task would take if scoring, masking and decoding were free. A side-by-side speed-up
 target beyond "the old code's time / floor" cannot be met without forwarding fewer tokens (another protocol or
@@ -20,6 +22,7 @@ other items). Rounds alternate actual and floor; each figure is the smallest ove
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,11 +53,29 @@ def floor_only(backend):
         backend.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
         return input_ids
 
-    hf._packed, backend.model.generate = plain_rows, prefill
+    def plain_drafts(b, rows, drafts, kept, *, max_new_tokens, stop, batch_size):
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]) + len(drafts[i])))
+        for begin in range(0, len(order), max(1, batch_size)):
+            chunk = order[begin:begin + max(1, batch_size)]
+            width = max(len(rows[i]) + len(drafts[i]) for i in chunk)
+            ids, mask = torch.zeros((len(chunk), width), dtype=torch.long), torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                seq = rows[i] + drafts[i]
+                ids[row, :len(seq)], mask[row, :len(seq)] = torch.as_tensor(seq), 1
+            lo = min(len(rows[i]) for i in chunk) - 1
+            with torch.inference_mode():
+                b.model(input_ids=ids.to(b.device), attention_mask=mask.to(b.device),
+                        logits_to_keep=torch.arange(lo, width, device=b.device))
+        for i, draft in enumerate(drafts):
+            kept[i] = list(draft)
+        return []  # every row taken as settled: no decoding step
+
+    check = hf._check_drafts
+    hf._packed, backend.model.generate, hf._check_drafts = plain_rows, prefill, plain_drafts
     try:
         yield
     finally:
-        hf._packed, backend.model.generate = packed, generate
+        hf._packed, backend.model.generate, hf._check_drafts = packed, generate, check
 
 
 def main() -> None:
@@ -74,14 +95,18 @@ def main() -> None:
         loaded = ev.checkpoint(args.model, name)
         actual, floor = {}, {}
         for task in ev.model(args.model).tasks:
-            ev.run_task(args.model, name, task)  # warm: tokens cached, first passes paid
+            kwargs = {}
+            if "drafts" in inspect.signature(ev.run_task).parameters:  # as the gate scores it (compare_task)
+                baseline = ev.comparable_task_baseline(args.model, task, ev.backend_of(args.model, name))
+                kwargs["drafts"] = dict(zip(baseline.ids, baseline.answers, strict=True))
+            ev.run_task(args.model, name, task, **kwargs)  # warm: tokens cached, first passes paid
             for _ in range(args.rounds):
                 started = time.perf_counter()
-                ev.run_task(args.model, name, task)
+                ev.run_task(args.model, name, task, **kwargs)
                 actual[task] = min(actual.get(task, float("inf")), time.perf_counter() - started)
                 with floor_only(loaded.backend):
                     started = time.perf_counter()
-                    ev.run_task(args.model, name, task)
+                    ev.run_task(args.model, name, task, **kwargs)
                     floor[task] = min(floor.get(task, float("inf")), time.perf_counter() - started)
             print(f"| {variant} | {task} | {actual[task]:.2f} | {floor[task]:.2f} | {floor[task] / actual[task]:.2f} |",
                   flush=True)
