@@ -131,3 +131,48 @@ def test_without_the_memory_for_them_the_weights_are_unpacked_each_pass(gptq8, m
     loaded = _load(gptq8[0])
     assert "dequantized_weights_cached_bytes" not in loaded.description
     assert not any(m._cache_enabled for m in loaded.model.modules() if hasattr(m, "_cached_weights"))
+
+
+# Its CPU int4 kernel (4-bit layers) copies the input's columns into the order the groups were quantized in on every
+# pass; without act-order that order is the identity, and the gate drops the copy after the kernel's first pass.
+
+
+@pytest.fixture(scope="module")
+def gptq4(tiny_zoo_template, tmp_path_factory) -> Path:
+    reference = tiny_zoo_template / "models" / "reference"
+    out = tmp_path_factory.mktemp("gptq4") / "w4"
+    gptq_build.build_gptq(reference, out, calibration_texts=_calibration(reference), **GPTQ4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (reference / name).exists() and not (out / name).exists():
+            (out / name).write_bytes((reference / name).read_bytes())
+    return out
+
+
+def test_an_identity_column_order_is_not_copied_and_gives_the_same_logits(gptq4, monkeypatch):
+    import torch
+
+    loaded = _load(gptq4)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    layers = [m for m in loaded.model.modules() if type(m).__name__ == "TorchAtenLinear"]
+    assert layers, loaded.description["kernels"]
+    first = _logits(loaded.model, ids)  # the kernel builds its order and copies the columns once
+    assert all(isinstance(m.ret_idx, slice) for m in layers)
+    second = _logits(loaded.model, ids)  # no copy
+    monkeypatch.setattr(loading, "skip_identity_permutations", lambda model: 0)
+    library = _load(gptq4)
+    copied = [_logits(library.model, ids) for _ in range(2)]  # gptqmodel's own: the copy on every pass
+    assert all(isinstance(m.ret_idx, torch.Tensor) for m in library.model.modules()
+               if type(m).__name__ == "TorchAtenLinear")
+    assert torch.equal(first, copied[0]) and torch.equal(second, copied[1]) and torch.equal(first, second)
+
+
+def test_a_real_column_order_is_kept(gptq4):
+    """act-order's order (here one set before the kernel builds its own) is a real permutation: it stays."""
+    import torch
+
+    loaded = _load(gptq4)
+    layer = next(m for m in loaded.model.modules() if type(m).__name__ == "TorchAtenLinear")
+    order = torch.arange(layer.in_features - 1, -1, -1, dtype=torch.int32)
+    layer.ret_idx = order  # the kernel's transform takes an order already there
+    _logits(loaded.model, torch.arange(5, 25).unsqueeze(0))
+    assert isinstance(layer.ret_idx, torch.Tensor) and torch.equal(layer.ret_idx, order)

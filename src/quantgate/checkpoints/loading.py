@@ -224,6 +224,28 @@ def cache_dequantized_weights(model, device: str) -> int:
     return size
 
 
+def skip_identity_permutations(model) -> int:
+    """gptqmodel's CPU int4 GPTQ kernel (TorchAtenLinear) permutes its input's columns on every forward pass
+    (`x[:, ret_idx]`, a copy of the activations), the order the layer's groups were quantized in. Without act-order
+    (desc_act false) that order is the identity, and the copy cost about a fifth of the layer's time. Once the
+    kernel has built its order (on its first forward pass), an identity order is replaced by a full slice: a view
+    of the same values, so the same logits, without the copy. Returns the layers it will look at."""
+    import torch
+
+    def after_first_pass(module, args, output):
+        order = getattr(module, "ret_idx", None)
+        if getattr(module, "linear_mode", None) != "inference" or not isinstance(order, torch.Tensor):
+            return  # not transformed yet (or not this kernel's fused path): look again after the next pass
+        if torch.equal(order.to(torch.long), torch.arange(order.numel(), device=order.device)):
+            module.ret_idx = slice(None)
+        module._quantgate_identity_hook.remove()
+
+    layers = [m for m in model.modules() if type(m).__name__ == "TorchAtenLinear" and hasattr(m, "_fused_op_forward")]
+    for m in layers:
+        m._quantgate_identity_hook = m.register_forward_hook(after_first_pass)
+    return len(layers)
+
+
 def gguf_file(path: Path, what: str) -> Path:
     """The GGUF file a variant names: the path itself, or the single .gguf inside a directory."""
     path = _require(path, what)
@@ -299,6 +321,7 @@ def _load_hf(path: Path, *, fmt: str, dtype: str, device: str, what: str, tokeni
                                     gguf=gguf, weights_digest=weights_digest, compressed=compressed, legacy=legacy,
                                     tolerated=tolerated)
     cached = cache_dequantized_weights(model, device) if placement is None or not placement.keys() else 0
+    skip_identity_permutations(model)
     if cached:
         description["dequantized_weights_cached_bytes"] = cached
     if info.get("aligned_biases"):
