@@ -184,3 +184,46 @@ def test_the_run_prepares_each_models_tokenizer_and_corpora_once_before_its_chec
     with pytest.raises(CorpusUnavailable, match="corpus 'prose' could not be loaded"):
         ws.corpus("prose")
     assert sorted(calls) == ["code", "prose"]
+
+
+def test_the_preparation_step_imports_the_run_formats_libraries(tmp_path):
+    """The libraries the run's variants load through are imported before the first check (gptqmodel alone takes
+    seconds), each once, and a reference or an unknown name among the pairs is left alone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("compressed_tensors")
+    script = textwrap.dedent("""
+        import sys
+        from types import SimpleNamespace
+        from quantgate import session
+        formats = {"q": "gptq", "q2": "awq", "c": "compressed-tensors", "f": "fp16"}
+        class Ws:
+            def variant(self, model, name):
+                return SimpleNamespace(format=formats[name])
+        watched = ("gptqmodel", "compressed_tensors")
+        before = [m for m in watched if m in sys.modules]
+        got = session.import_format_libraries(Ws(), [("m", "q"), ("m", "q2"), ("m", "f"), ("m", "c"), ("m", None)])
+        print(before, got, [m for m in watched if m in sys.modules])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[] ['gptqmodel', 'compressed_tensors'] ['gptqmodel', 'compressed_tensors']"
+
+
+def test_a_format_library_that_fails_to_import_is_left_for_its_load(monkeypatch):
+    import importlib
+
+    from quantgate.checkpoints import loading
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "bitsandbytes":
+            raise OSError("libbitsandbytes_cpu.so: cannot open shared object file")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert loading.import_format_libraries(["bnb", "fp16"]) == []

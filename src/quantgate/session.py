@@ -236,5 +236,21 @@ def build_and_prepare(evaluator, pairs: list[tuple[str, str]], write) -> None:
         write(f"quantgate: build {model}/{variant}: {what}")
     started = time.perf_counter()
     ready = prepare(evaluator.workspace, [model for model, _ in pairs])
-    write(f"quantgate: prepared {', '.join(f'{m} ({len(c)} corpora)' for m, c in ready.items())}: reference "
-          f"tokenizers and token ids in {time.perf_counter() - started:.1f}s")
+    libraries = import_format_libraries(evaluator.workspace, pairs)
+    write(f"quantgate: prepared {', '.join(f'{m} ({len(c)} corpora)' for m, c in ready.items())}"
+          f"{''.join(f', {name}' for name in libraries)}: reference tokenizers"
+          f"{', token ids and format libraries' if libraries else ' and token ids'} in "
+          f"{time.perf_counter() - started:.1f}s")
+
+
+def import_format_libraries(workspace, pairs: list[tuple[str, str]]) -> list[str]:
+    """The format libraries the run's variants load through, imported once before the first check."""
+    from .checkpoints.loading import import_format_libraries as load
+
+    formats = []
+    for model, variant in pairs:
+        try:
+            formats.append(workspace.variant(model, variant).format)
+        except (KeyError, StopIteration, TypeError):  # the reference, or a name the checks will report
+            continue
+    return load(formats)

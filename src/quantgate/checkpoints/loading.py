@@ -78,6 +78,26 @@ def require_format_library(fmt: str, what: str) -> None:
                                  f"(pip install 'quantgate[{extra}]')")
 
 
+def import_format_libraries(formats) -> list[str]:
+    """Import the installed libraries these formats load through (gptqmodel alone takes seconds), so that a process
+    pays it before its first check rather than inside its first variant of that format. Returns the modules
+    imported; one that is absent or fails to import is left for the load that needs it to report."""
+    import importlib
+    import importlib.util
+
+    quiet_optional_libraries()
+    imported = []
+    for module in dict.fromkeys(FORMAT_LIBRARIES[f][0] for f in formats if f in FORMAT_LIBRARIES):
+        if importlib.util.find_spec(module) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the load of a variant in this format raises it, naming the variant
+            continue
+        imported.append(module)
+    return imported
+
+
 def load_tokenizer(path: Path):
     quiet_optional_libraries()
     from transformers import AutoTokenizer
