@@ -186,7 +186,7 @@ def test_the_run_prepares_each_models_tokenizer_and_corpora_once_before_its_chec
     assert sorted(calls) == ["code", "prose"]
 
 
-def test_the_preparation_step_imports_the_run_formats_libraries(tmp_path):
+def test_the_preparation_step_imports_the_run_formats_libraries():
     """The libraries the run's variants load through are imported before the first check (gptqmodel alone takes
     seconds), each once, and a reference or an unknown name among the pairs is left alone."""
     import subprocess
