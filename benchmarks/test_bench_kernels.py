@@ -72,6 +72,21 @@ def test_kernels_of_an_ablation_pair_side_by_side(benchmark, demo, first, second
           f"{TOKENS} tokens; kernels {', '.join(sorted({*kernels_a, *kernels_b})) or '-'}; {device})")
 
 
+def _alternating(score, switch, sides, *, rounds: int = 3, warm=frozenset()):
+    """Each side switched on in turn, round by round, and scored: (the best time per side, its last scores). A side
+    in `warm` is scored once untimed after each switch."""
+    best, results = {side: float("inf") for side in sides}, {}
+    for _ in range(rounds):
+        for side in sides:
+            switch(side)
+            if side in warm:
+                score()
+            started = time.perf_counter()
+            results[side] = score()
+            best[side] = min(best[side], time.perf_counter() - started)
+    return best, results
+
+
 def test_gptq_kept_unpacked_weights_against_unpacking_each_pass(benchmark, demo):
     """gptqmodel's torch GPTQ kernel (the demo's 8-bit GPTQ on the CPU) with the unpacked weights kept, as the gate
     loads it, against the same model unpacking every weight on every pass: the same log-probabilities bit for
@@ -91,15 +106,8 @@ def test_gptq_kept_unpacked_weights_against_unpacking_each_pass(benchmark, demo)
             m._cache_enabled = on
             m._cached_weights.clear()
 
-    best, results = {True: float("inf"), False: float("inf")}, {}
-    for _ in range(3):
-        for on in (True, False):
-            keep(on)
-            if on:
-                score()  # the first pass unpacks and keeps: timed from the second
-            started = time.perf_counter()
-            results[on] = score()
-            best[on] = min(best[on], time.perf_counter() - started)
+    # kept: the first pass unpacks and keeps, so it is timed from the second
+    best, results = _alternating(score, keep, (True, False), warm={True})
     keep(True)
     benchmark.pedantic(score, rounds=1, iterations=1)
     assert np.array_equal(results[True].logprobs, results[False].logprobs)
@@ -135,13 +143,7 @@ def test_gptq_int4_without_the_identity_copy_against_with_it(benchmark, demo):
         for m in layers:
             m.ret_idx = identity[m] if on else slice(None)
 
-    best, results = {True: float("inf"), False: float("inf")}, {}
-    for _ in range(3):
-        for on in (False, True):
-            copy(on)
-            started = time.perf_counter()
-            results[on] = score()
-            best[on] = min(best[on], time.perf_counter() - started)
+    best, results = _alternating(score, copy, (False, True))
     copy(False)
     benchmark.pedantic(score, rounds=1, iterations=1)
     assert np.array_equal(results[True].logprobs, results[False].logprobs)
